@@ -1,0 +1,1 @@
+"""Rerunnable benchmarks. Each prints JSON lines; none is a timed test."""

@@ -1,0 +1,1 @@
+"""Beam graph assembly, options, manifest and the `cloakbeam` command line."""

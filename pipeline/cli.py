@@ -1,0 +1,86 @@
+"""The `cloakbeam` command line.
+
+Each area owns its subcommands in its own module, which defines `register(subparsers)`; a registered command
+sets `func(args) -> int`. Exit codes: 0 success, 2 usage or configuration error, 1 runtime failure. Errors are
+printed as one sentence without a traceback and never contain a record value or key material.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+from cloakbeam import __version__
+from cloakbeam.errors import CloakbeamError, ConfigError
+
+COMMAND_MODULES = (
+    "cloakbeam.pipeline.commands",  # run, demo, generate
+    "cloakbeam.transforms.classify_cli",  # classify
+    "cloakbeam.keys.cli",  # keys init|list|rotate|rewrap, decrypt, verify
+    "cloakbeam.vault.cli",  # vault detokenize|forget, audit verify
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2 already; keep its message short
+        self.print_usage(sys.stderr)
+        print(f"cloakbeam: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="cloakbeam",
+        description="Turn raw records into classified, policy-protected training Parquet with a reconciling manifest.",
+    )
+    parser.add_argument("--version", action="version", version=f"cloakbeam {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (never values)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for mod in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def configure_logging(verbose: bool) -> None:
+    # Beam logs "apitools not found" through the root logger at import; force our own configuration.
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("apache_beam", "distributed", "urllib3", "botocore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after a bare `--` is passed through to Beam untouched.
+    beam_args: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, beam_args = argv[:i], argv[i + 1 :]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.beam_args = beam_args
+    configure_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"cloakbeam: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except CloakbeamError as exc:
+        print(f"cloakbeam: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("cloakbeam: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Runner profiles (direct, dask, flink, dataflow) and their launchers."""

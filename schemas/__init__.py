@@ -1,0 +1,1 @@
+"""Avro input schemas, reference policies, Avro to Arrow conversion and the reference data generator."""

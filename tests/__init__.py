@@ -1,0 +1,1 @@
+"""cloakbeam test suite."""

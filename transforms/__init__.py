@@ -1,0 +1,1 @@
+"""Protection actions (plain RecordBatch functions, no Beam) and the thin Beam steps around them."""

@@ -1,0 +1,1 @@
+"""Token vault: convergent tokens, encrypted originals, SQLite and PostgreSQL backends."""
