@@ -70,6 +70,9 @@ class CompiledPolicy:
     unmentioned: list[str] = field(default_factory=list)  # leaf paths dropped by default deny
     sections: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    #: Checks run on every input batch before protection: fn(columns by leaf path, ctx) -> None; they raise
+    #: (fail closed) or count into ctx.stats. Section compilers append to this list.
+    checks: list[Callable[[Mapping[str, pa.Array], Any], None]] = field(default_factory=list)
 
     @property
     def output_actions(self) -> dict[str, Action]:
@@ -204,9 +207,12 @@ def _compile(raw: dict[str, Any], schema: InputSchema, source: str, text: str | 
     policy.actions = {p: leaf_actions[p] for p in schema.leaf_paths if p in leaf_actions}
     policy.unmentioned = [p for p in schema.leaf_paths if p not in leaf_actions]
 
+    # Every section compiler runs, with None when its section is absent, so a section can enforce defaults
+    # (classification fails closed even when the policy says nothing about it). A compiler may return None.
     for name, compiler in _SECTIONS.items():
-        if name in raw:
-            policy.sections[name] = compiler(raw[name], schema, policy)
+        compiled = compiler(raw.get(name), schema, policy)
+        if compiled is not None:
+            policy.sections[name] = compiled
     return policy
 
 
