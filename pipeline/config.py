@@ -33,7 +33,7 @@ class RuntimeConfig:
     state_dir: str
     keys: KeyRef
     vault: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"backend": "sqlite", "path": ...}
-    classification: Mapping[str, Any] = field(default_factory=dict)
+    progress_addr: tuple[str, int] | None = None  # loopback UDP listener for live progress (local runners only)
 
     def with_dataset(self, dataset_id: str) -> "RuntimeConfig":
         return replace(self, dataset_id=dataset_id)

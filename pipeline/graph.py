@@ -1,0 +1,216 @@
+"""Build and run the cloakbeam pipeline: Read -> Protect -> [k-anonymity] -> Write -> CollectRunStats.
+
+`run_pipeline(settings)` is what `cloakbeam run` and `cloakbeam demo` call: it validates everything at
+construction (schema, policy, options, keys), runs the graph on the chosen runner, then assembles, checks and
+signs the manifest from the RunStats the workers emitted. It fails loudly when the counts do not reconcile.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import pickle
+import shutil
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from cloakbeam.errors import ConfigError, KeyAccessError
+from cloakbeam.pipeline import fsio
+from cloakbeam.pipeline.config import (
+    RuntimeConfig,
+    key_ref_from,
+    load_config_file,
+    new_run_id,
+    resolve_state_dir,
+    vault_ref_from,
+)
+from cloakbeam.pipeline.manifest import build_manifest, check_reconciled, write_manifest
+from cloakbeam.pipeline.policy import CompiledPolicy, load_policy
+from cloakbeam.schemas.avro import load_schema
+
+log = logging.getLogger(__name__)
+STATS_DIR = ".cloakbeam-run"
+
+
+@dataclass
+class RunSettings:
+    """Everything one run needs; validated by `prepare()` before any data moves."""
+
+    inputs: Sequence[str]
+    schema: str
+    policy: str
+    output: str
+    runner: str = "direct"
+    batch_size: int = 65_536
+    input_format: str | None = None
+    beam_args: Sequence[str] = field(default_factory=list)
+    state_dir: str | None = None
+    config: str | None = None
+    overwrite: bool = False
+    progress: bool | str = True
+    runner_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"dask_address": ..., "workers": 2}
+
+
+@dataclass
+class PreparedRun:
+    settings: RunSettings
+    policy: CompiledPolicy
+    runtime: RuntimeConfig
+    out_dir: str
+    stats_path: str
+
+
+def prepare(settings: RunSettings) -> PreparedRun:
+    """Validate schema, policy, options and keys; raise ConfigError with a sentence saying what to fix."""
+    if not settings.inputs:
+        raise ConfigError("no input given; pass --input GLOB")
+    if settings.batch_size < 1:
+        raise ConfigError("--batch-size must be a positive number of rows")
+    schema = load_schema(settings.schema)
+    policy = load_policy(settings.policy, schema)
+    config = load_config_file(settings.config)
+    state = resolve_state_dir(settings.state_dir, config)
+    keys = key_ref_from(config, state)
+    vault = vault_ref_from(config, state)
+    out_dir = settings.output if not fsio.is_local(settings.output) else os.path.abspath(settings.output)
+    _prepare_output(out_dir, settings.overwrite)
+    if keys.provider == "local":
+        from cloakbeam.keys.service import ensure_local_keyring
+
+        if ensure_local_keyring(keys.path):
+            print(f"cloakbeam: created a development keyring at {keys.path} (use a KMS in production)", file=__import__("sys").stderr)
+    runtime = RuntimeConfig(run_id=new_run_id(), dataset_id=policy.dataset, state_dir=str(state), keys=keys, vault=vault)
+    # Fail at construction, not mid-run, when keys cannot be opened.
+    from cloakbeam.keys.service import open_key_service
+
+    try:
+        open_key_service(keys).close()
+    except KeyAccessError as exc:
+        raise ConfigError(str(exc)) from None
+    from cloakbeam.runners import check_runner_compatibility
+
+    check_runner_compatibility(settings.runner, runtime, settings.runner_options)
+    stats_path = fsio.join(out_dir, STATS_DIR, f"{runtime.run_id}.stats")
+    return PreparedRun(settings, policy, runtime, out_dir, stats_path)
+
+
+def _prepare_output(out_dir: str, overwrite: bool) -> None:
+    if not fsio.is_local(out_dir):
+        return
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"output {out_dir} exists and is not a directory")
+    existing = [n for n in ("data", "quarantine", "manifest.json") if os.path.exists(os.path.join(out_dir, n))]
+    if existing and not overwrite:
+        raise ConfigError(f"output directory {out_dir} already holds a run ({existing[0]}); choose another --output or pass --overwrite")
+    for n in existing:
+        p = os.path.join(out_dir, n)
+        shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p)
+    os.makedirs(out_dir, exist_ok=True)
+
+
+def build_graph(p: Any, run: PreparedRun) -> None:
+    """Attach the cloakbeam graph to pipeline `p`: one linear chain with a single end."""
+    from cloakbeam.transforms.steps import CollectRunStats, ProtectRecords, ReadRecords, WriteTrainingParquet
+
+    s = run.settings
+    records = p | "ReadRecords" >> ReadRecords(s.inputs, run.policy.schema, run.out_dir, run.runtime, s.batch_size, s.input_format)
+    protected = records | "ProtectRecords" >> ProtectRecords(run.policy, run.runtime)
+    kanon = run.policy.sections.get("k_anonymity")
+    if kanon is not None:
+        protected = protected | "EnforceKAnonymity" >> kanon.batch_transform(run.runtime)
+    written = protected | "WriteTrainingParquet" >> WriteTrainingParquet(run.out_dir, run.runtime, run.policy)
+    _ = written | "CollectRunStats" >> CollectRunStats(run.stats_path)
+
+
+def run_pipeline(settings: RunSettings) -> dict[str, Any]:
+    """Run one batch job end to end and return the written manifest (as a dict)."""
+    import dataclasses
+
+    import apache_beam as beam
+
+    from cloakbeam.pipeline.progress import ProgressListener
+    from cloakbeam.runners import make_runner
+
+    run = prepare(settings)
+    started = dt.datetime.now(dt.timezone.utc)
+    with ProgressListener(enabled=settings.progress) as progress:
+        if fsio.is_local(run.out_dir) and settings.runner in ("direct", "dask"):
+            run.runtime = dataclasses.replace(run.runtime, progress_addr=progress.addr)
+        runner, options = make_runner(settings.runner, settings.beam_args, settings.runner_options)
+        with runner.session() if hasattr(runner, "session") else _nullcontext():
+            p = beam.Pipeline(runner=runner.beam_runner if hasattr(runner, "beam_runner") else runner, options=options)
+            build_graph(p, run)
+            result = p.run()
+            result.wait_until_finish()
+    finished = dt.datetime.now(dt.timezone.utc)
+    stats = _load_stats(run.stats_path)
+    manifest = build_manifest(
+        run_id=run.runtime.run_id,
+        started=started,
+        finished=finished,
+        runner=settings.runner,
+        policy=run.policy,
+        stats=stats,
+        key_ref=run.runtime.keys.describe(),
+    )
+    _attach_key_records(manifest, run)
+    path = write_manifest(run.out_dir, manifest)
+    _sign(path, run)
+    check_reconciled(manifest)
+    return manifest
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _load_stats(path: str):
+    from cloakbeam.errors import CloakbeamError
+    from cloakbeam.pipeline.stats import RunStats
+
+    try:
+        if fsio.is_local(path):
+            with open(path, "rb") as fh:
+                stats = pickle.load(fh)
+        else:
+            from apache_beam.io.filesystems import FileSystems
+
+            with FileSystems.open(path) as fh:
+                stats = pickle.loads(fh.read())
+    except FileNotFoundError:
+        raise CloakbeamError("the pipeline finished without reporting its counts; the runner may have dropped the final step") from None
+    if not isinstance(stats, RunStats):
+        raise CloakbeamError(f"run statistics at {path} are not readable")
+    if fsio.is_local(path):
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+    return stats
+
+
+def _attach_key_records(manifest: dict[str, Any], run: PreparedRun) -> None:
+    """Wrapped data keys recorded in the output files' metadata, gathered for the manifest (key layer)."""
+    try:
+        from cloakbeam.keys.service import collect_wrapped_keys
+    except ImportError:
+        return
+    records = collect_wrapped_keys(run.out_dir, manifest)
+    if records:
+        manifest["wrapped_keys"] = records
+
+
+def _sign(path: str, run: PreparedRun) -> None:
+    try:
+        from cloakbeam.keys.signing import sign_manifest
+    except ImportError:
+        return
+    from cloakbeam.keys.service import open_key_service
+
+    ks = open_key_service(run.runtime.keys)
+    try:
+        sign_manifest(path, ks)
+    finally:
+        ks.close()

@@ -1,0 +1,130 @@
+"""The run manifest: what went in, what came out, under which schema, policy, keys and code, and proof that
+every record is accounted for (input = written + quarantined + suppressed).
+
+Assembled by the launcher from the merged RunStats the workers emitted; written atomically to
+OUT/manifest.json and then signed when the key layer provides a signer. It holds names, counts, hashes and
+class labels only, never a record value or key material.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+from typing import Any
+
+from cloakbeam import __version__
+from cloakbeam.errors import ReconciliationError
+from cloakbeam.pipeline import fsio
+from cloakbeam.pipeline.stats import RunStats
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "cloakbeam-manifest/1"
+
+
+def _versions() -> dict[str, str]:
+    import apache_beam
+    import pyarrow
+
+    return {"cloakbeam": __version__, "apache_beam": apache_beam.__version__, "pyarrow": pyarrow.__version__, "python": platform.python_version()}
+
+
+def field_report(policy: Any) -> dict[str, dict[str, Any]]:
+    """Per leaf field: class, where the class came from, and the action (or why it was dropped)."""
+    section = policy.sections.get("classification")
+    classes = dict(section.field_classes()) if section is not None and hasattr(section, "field_classes") else {}
+    sources = dict(section.class_sources()) if section is not None and hasattr(section, "class_sources") else {}
+    out: dict[str, dict[str, Any]] = {}
+    for path in policy.schema.leaf_paths:
+        info = policy.schema.fields[path]
+        cls = classes.get(path) or info.declared_class or "OTHER"
+        src = sources.get(path) or ("schema annotation" if info.declared_class else "default")
+        action = policy.actions.get(path)
+        entry: dict[str, Any] = {"class": cls, "class_source": src}
+        if action is None:
+            entry["action"] = {"action": "drop", "reason": "not mentioned in the policy (default deny)"}
+        else:
+            entry["action"] = action.describe()
+        out[path] = entry
+    return out
+
+
+def reconcile(counts: dict[str, int], stats: RunStats) -> list[str]:
+    """Every way the counts fail to add up, as sentences; empty when they reconcile."""
+    problems = []
+    total = counts["written"] + counts["quarantined"] + counts["suppressed"]
+    if counts["input"] != total:
+        problems.append(
+            f"input records ({counts['input']}) != written ({counts['written']}) + quarantined ({counts['quarantined']}) + suppressed ({counts['suppressed']})"
+        )
+    data_rows = sum(f.rows for f in stats.files if f.kind == "data")
+    if data_rows != counts["written"]:
+        problems.append(f"rows in output files ({data_rows}) != records counted as written ({counts['written']})")
+    q_rows = sum(f.rows for f in stats.files if f.kind == "quarantine")
+    if q_rows != counts["quarantined"]:
+        problems.append(f"entries in quarantine files ({q_rows}) != records counted as quarantined ({counts['quarantined']})")
+    in_rows = sum(int(i.get("records", 0)) for i in stats.inputs.values())
+    if in_rows != counts["input"]:
+        problems.append(f"records counted per input file ({in_rows}) != input records ({counts['input']})")
+    return problems
+
+
+def build_manifest(
+    *,
+    run_id: str,
+    started: dt.datetime,
+    finished: dt.datetime,
+    runner: str,
+    policy: Any,
+    stats: RunStats,
+    key_ref: dict[str, Any] | None = None,
+    streaming: bool = False,
+) -> dict[str, Any]:
+    counts = {k: int(stats.counts.get(k, 0)) for k in ("input", "written", "quarantined", "suppressed")}
+    sections = {}
+    for name, section in policy.sections.items():
+        if hasattr(section, "report"):
+            sections[name] = section.report(stats)
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "run_id": run_id,
+        "started_at": started.isoformat(),
+        "finished_at": finished.isoformat(),
+        "seconds": round((finished - started).total_seconds(), 3),
+        "versions": _versions(),
+        "runner": runner,
+        "mode": "streaming" if streaming else "batch",
+        "inputs": [{"path": p, **v} for p, v in sorted(stats.inputs.items())],
+        "schema": {"path": policy.schema.source, "sha256": policy.schema.content_hash()},
+        "policy": {"path": policy.source, "sha256": policy.content_hash, "dataset": policy.dataset},
+        "fields": field_report(policy),
+        "dropped_fields": policy.dropped,
+        "dropped_by_default_deny": list(policy.unmentioned),
+        "counts": counts,
+        "quarantine_reasons": dict(sorted(stats.reasons.items())),
+        "outputs": [f.to_json() for f in stats.files if f.kind == "data"],
+        "quarantine": [f.to_json() for f in stats.files if f.kind == "quarantine"],
+        "field_stats": dict(sorted(stats.fields.items())),
+        "sections": sections,
+    }
+    if key_ref is not None:
+        manifest["keys"] = key_ref
+    if stats.extra:
+        manifest["extra"] = stats.extra
+    problems = reconcile(counts, stats)
+    manifest["reconciled"] = not problems
+    if problems:
+        manifest["reconciliation_problems"] = problems
+    return manifest
+
+
+def write_manifest(out_dir: str, manifest: dict[str, Any]) -> str:
+    path = fsio.join(out_dir, MANIFEST_NAME)
+    with fsio.atomic_writer(path) as w:
+        w.write(json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n")
+    return path
+
+
+def check_reconciled(manifest: dict[str, Any]) -> None:
+    if not manifest.get("reconciled", False):
+        raise ReconciliationError("manifest counts do not reconcile: " + "; ".join(manifest.get("reconciliation_problems", [])))

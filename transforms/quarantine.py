@@ -1,0 +1,53 @@
+"""The quarantine: where records that cannot be parsed or validated go, with their reason and location.
+
+One JSON-lines file per input file under OUT/quarantine/, written atomically. An entry holds the reason code,
+the field (if any), the source file and location, and the record itself in protected form: never in plaintext.
+`protect_raw_record` is the one place that decides that form.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Iterable
+
+from cloakbeam.pipeline import fsio
+from cloakbeam.pipeline.stats import FileStat
+from cloakbeam.transforms.ingest import Rejected
+
+QUARANTINE_DIR = "quarantine"
+
+
+def protect_raw_record(rej: Rejected, keys: Any, dataset_id: str) -> dict[str, Any]:
+    """The stored form of a rejected record's bytes: a keyed HMAC fingerprint (lets an operator match a
+    record they already hold) — the raw bytes never reach the quarantine file in plaintext."""
+    return {"record_hmac_sha256": keys.keyed_hash("quarantine/" + dataset_id, rej.raw), "record_bytes": len(rej.raw)}
+
+
+def quarantine_entry(rej: Rejected, keys: Any, dataset_id: str) -> dict[str, Any]:
+    return {
+        "reason": rej.reason,
+        "field": rej.field,
+        "source": rej.source,
+        "location": rej.location,
+        "records": rej.records,
+        **protect_raw_record(rej, keys, dataset_id),
+    }
+
+
+def quarantine_path(out_dir: str, source: str, window: str | None = None) -> str:
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    name = f"{digest}.jsonl" if window is None else f"{window}-{digest}.jsonl"
+    return fsio.join(out_dir, QUARANTINE_DIR, name)
+
+
+def write_quarantine(out_dir: str, source: str, entries: Iterable[dict[str, Any]], window: str | None = None) -> FileStat:
+    """Write one source's quarantine entries atomically; return the committed file's stats."""
+    path = quarantine_path(out_dir, source, window)
+    rows = 0
+    with fsio.atomic_writer(path) as w:
+        for e in entries:
+            w.write(json.dumps(e, sort_keys=True).encode() + b"\n")
+            rows += e.get("records", 1)
+    rel = path[len(out_dir) :].lstrip("/")
+    return FileStat(path=rel, rows=rows, bytes=w.size, sha256=w.sha256.hexdigest(), kind="quarantine", window=window)
