@@ -1,0 +1,148 @@
+"""`tokenize`: replace each value with a convergent token and keep token -> value (encrypted) in the vault.
+
+    customer_id: {action: tokenize, format: opaque}                       # tok_<26 base32 chars>
+    email:       {action: tokenize, normalize: lower}
+    card_number: {action: tokenize, format: digits, keep_last: 4, luhn: true}
+    phone:       {action: tokenize, subject: customer_id, ttl_days: 365}   # shredded with the customer
+
+Parameters: `format` opaque|digits; `domain` (token space and key; default the field path; fields that share a
+domain share tokens, so joins keep working); `prefix` (opaque only); `keep_last` and `luhn` (digits only);
+`normalize` none|trim|lower|digits (default trim, digits for the digits format) - the vault stores and
+detokenization returns the normalized value; `ttl_days` (tokens stop detokenizing after this); `subject`
+(path of an input field naming the data subject, may be the field itself; entries of one subject share a data key so
+`cloakbeam vault forget --subject` shreds them together).
+
+The action works on whole columns: it dictionary-encodes the column, tokenizes each distinct value once
+(the vault caches confirmed tokens per worker), and `take`s the tokens back into place. Nulls stay null.
+It never logs a value or puts one in an error; a value that cannot be tokenized (digits format, too few
+digits) fails the batch with the field name and row index.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cloakbeam.errors import ClassificationError, ConfigError
+from cloakbeam.transforms.registry import Action, ActionContext, Param, register
+from cloakbeam.vault.store import Domain
+from cloakbeam.vault.tokens import NORMALIZERS, TokenFormat, normalize
+
+
+def _domain_name(v: Any) -> str | None:
+    if not v or not all(c.isalnum() or c in "._-" for c in v):
+        return "must be a name of letters, digits, '.', '_' or '-'"
+    return None
+
+
+def _prefix(v: Any) -> str | None:
+    if len(v) > 16 or not all(c.isalnum() or c in "_-:" for c in v):
+        return "must be at most 16 letters, digits, '_', '-' or ':'"
+    return None
+
+
+def _keep_last(v: Any) -> str | None:
+    return None if 0 <= v <= 8 else "must be between 0 and 8"
+
+
+def _ttl(v: Any) -> str | None:
+    return None if v > 0 else "must be a positive number of days"
+
+
+def _is_text_or_int(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
+
+
+@register
+class Tokenize(Action):
+    """Convergent, vault-backed tokenization (reversible only through `cloakbeam vault detokenize`)."""
+
+    name = "tokenize"
+    accepts = (_is_text_or_int,)
+    requires = frozenset({"vault", "keys"})
+    params = {
+        "format": Param(str, default="opaque", choices=("opaque", "digits"), doc="token shape"),
+        "domain": Param(str, check=_domain_name, doc="token domain (default: the field path)"),
+        "prefix": Param(str, check=_prefix, doc="opaque tokens start with this (default 'tok_')"),
+        "keep_last": Param(int, check=_keep_last, doc="digits format: keep this many trailing digits"),
+        "luhn": Param(bool, doc="digits format: token passes the Luhn check"),
+        "normalize": Param(str, choices=NORMALIZERS, doc="normalization before tokenizing"),
+        "ttl_days": Param((int, float), check=_ttl, doc="tokens stop detokenizing after this many days"),
+        "subject": Param(str, doc="linked field naming the data subject (erasure unit)"),
+    }
+
+    def configure(self) -> None:
+        o = self.options
+        kind = o["format"]
+        if kind == "opaque":
+            for p in ("keep_last", "luhn"):
+                if o[p] is not None:
+                    raise self.fail(f"parameter '{p}' applies to 'format: digits' only")
+        else:
+            if o["prefix"] is not None:
+                raise self.fail("parameter 'prefix' applies to 'format: opaque' only")
+            if o["normalize"] not in (None, "digits"):
+                raise self.fail("'format: digits' tokenizes digits only; leave 'normalize' out or set it to digits")
+        o["domain"] = o["domain"] or self.field.path
+        o["normalize"] = o["normalize"] or ("digits" if kind == "digits" else "trim")
+        fmt = TokenFormat(
+            kind=kind, prefix=o["prefix"] or "tok_", keep_last=o["keep_last"] or 0, luhn=bool(o["luhn"])
+        )
+        ttl = int(o["ttl_days"] * 86400) if o["ttl_days"] else None
+        self.domain = Domain(o["domain"], fmt, o["normalize"], ttl)
+
+    def output_type(self) -> pa.DataType:
+        return pa.string()
+
+    def apply(self, column: pa.Array, columns: Mapping[str, pa.Array], ctx: ActionContext) -> pa.Array:
+        path = self.field.path
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        if pa.types.is_integer(column.type):
+            column = pc.cast(column, pa.string())
+        if len(column) == 0 or column.null_count == len(column):
+            return pa.nulls(len(column), pa.string())
+        enc = pc.dictionary_encode(column)
+        indices = enc.indices
+        raw = enc.dictionary.to_pylist()
+        norm = normalize(raw, self.domain.normalize)
+        fmt = self.domain.fmt
+        # Distinct normalized values (two raw spellings may normalize to one value).
+        slot: dict[str, int] = {}
+        dict_to_slot = np.empty(len(norm), dtype=np.int64)
+        for i, v in enumerate(norm):
+            if not fmt.valid_input(v):
+                row = pc.index(indices, pa.scalar(i, indices.type)).as_py()
+                raise ClassificationError(f"field '{path}' row {row}: tokenize (digits) needs at least {fmt.min_length()} digits")
+            dict_to_slot[i] = slot.setdefault(v, len(slot))
+        distinct = list(slot)
+        subjects = self._subjects(indices, dict_to_slot, len(distinct), columns) if self.options["subject"] else None
+        tokens = ctx.vault.tokenize(self.domain, distinct, subjects)
+        dict_tokens = pa.array([tokens[s] for s in dict_to_slot], type=pa.string())
+        ctx.count(f"tokenize.{path}.values", len(column) - column.null_count)
+        ctx.count(f"tokenize.{path}.distinct", len(distinct))
+        return pc.take(dict_tokens, indices)
+
+    def _subjects(self, indices: pa.Array, dict_to_slot: np.ndarray, n: int, columns: Mapping[str, pa.Array]) -> list[str | None]:
+        """Subject id of each distinct value: the subject field at the value's first row in this batch."""
+        name = self.options["subject"]
+        if name not in columns:
+            raise ConfigError(f"field '{self.field.path}' (action 'tokenize'): subject field '{name}' is not in the input")
+        subj = columns[name]
+        if isinstance(subj, pa.ChunkedArray):
+            subj = subj.combine_chunks()
+        if not (pa.types.is_string(subj.type) or pa.types.is_large_string(subj.type)):
+            subj = pc.cast(subj, pa.string())
+        idx = indices.to_numpy(zero_copy_only=False)
+        valid = ~np.asarray(indices.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+        rows = np.nonzero(valid)[0]
+        slots = dict_to_slot[idx[rows].astype(np.int64)]
+        uniq, first = np.unique(slots, return_index=True)
+        out: list[str | None] = [None] * n
+        picked = subj.take(pa.array(rows[first])).to_pylist()
+        for s, v in zip(uniq.tolist(), picked):
+            out[s] = v.strip() if isinstance(v, str) and v.strip() else None
+        return out
