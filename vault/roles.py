@@ -1,4 +1,4 @@
-"""Role policy: which role may reverse protection (detokenize, decrypt) for which domain and purpose.
+"""Role policy: which role may reverse protection (detokenize, decrypt) or erase (forget), per domain and purpose.
 
 Used by `cloakbeam vault detokenize` (token vault) and `cloakbeam decrypt` (keys layer). The policy is a YAML
 file; default deny: a role, action, domain or purpose that no grant names is refused.
@@ -6,7 +6,7 @@ file; default deny: a role, action, domain or purpose that no grant names is ref
     version: 1
     roles:
       fraud-analyst:
-        - action: detokenize               # or a list: [detokenize, decrypt]
+        - action: detokenize               # or a list: [detokenize, decrypt, forget]
           domains: [card_number]           # token domains / encrypted column paths; "*" means any
           purposes: [fraud-investigation]  # "*" means any purpose (avoid: purposes are what the audit log shows)
       privacy-officer:
@@ -32,7 +32,7 @@ import yaml
 
 from cloakbeam.errors import AccessDenied, ConfigError
 
-ACTIONS = frozenset({"detokenize", "decrypt"})
+ACTIONS = frozenset({"detokenize", "decrypt", "forget"})
 _GRANT_KEYS = {"action", "actions", "domains", "purposes"}
 
 
@@ -130,11 +130,11 @@ def _grant(where: str, role: str, i: int, g: Any) -> Grant:
             raise ConfigError(f"{where}: role '{role}' grant {i + 1} needs '{key}' (use \"*\" for any)")
     raw_actions = g.get("action", g.get("actions"))
     if raw_actions is None:
-        raise ConfigError(f"{where}: role '{role}' grant {i + 1} needs 'action' (detokenize and/or decrypt)")
+        raise ConfigError(f"{where}: role '{role}' grant {i + 1} needs 'action' (detokenize, decrypt and/or forget)")
     actions = _names(where, role, i, "action", raw_actions)
     bad = sorted(actions - ACTIONS)
     if bad:
-        raise ConfigError(f"{where}: role '{role}' grant {i + 1}: unknown action '{bad[0]}'; use detokenize or decrypt")
+        raise ConfigError(f"{where}: role '{role}' grant {i + 1}: unknown action '{bad[0]}'; use detokenize, decrypt or forget")
     return Grant(actions, _names(where, role, i, "domains", g["domains"]), _names(where, role, i, "purposes", g["purposes"]))
 
 

@@ -438,6 +438,10 @@ class Vault:
     def _subject_key_id(self, subject: str) -> bytes:
         return hmac.new(self._key("vault/subject"), subject.encode(), hashlib.sha256).digest()
 
+    def subject_ref(self, subject: str) -> str:
+        """Keyed hash naming a subject in audit entries (the subject's key id, hex); never the id itself."""
+        return self._subject_key_id(subject).hex()
+
     def _entry_key_id(self, domain: str, bidx: bytes) -> bytes:
         return hmac.new(self._key("vault/entry"), domain.encode() + b"\x00" + bidx, hashlib.sha256).digest()
 
