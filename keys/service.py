@@ -2,34 +2,65 @@
 
 Pipeline code holds a picklable `KeyRef` (provider name and non-secret settings) and calls
 `open_key_service(ref)` in `DoFn.setup()`. A KeyService holds key material and therefore refuses to be
-pickled. Nothing here logs, prints or puts key bytes in exception text.
+pickled. Nothing here logs, prints or puts key bytes in exception text or reprs.
+
+Key hierarchy (docs/keys-and-encryption.md):
+
+    KMS / keyring  --  KEK (named, versioned; "default" always exists)
+                         |-- wraps the PRF root secret   -> prf_key(purpose) = HKDF(root, purpose)   [stable]
+                         |-- wraps the Ed25519 manifest signing key
+                         `-- wraps data keys (DEKs): random AES-256-GCM DEK per (run, column, worker process),
+                             or a deterministic AES-256-SIV DEK per (dataset, column) derived from the root
 
 Interface used by the other layers (keep it stable):
 - `prf_key(purpose) -> bytes`: a 32-byte key, the same on every worker, run and retry for the same keyring
-  and purpose (pseudonyms, tokens, date shifts, keyed hashes).
+  and purpose (pseudonyms, tokens, date shifts, keyed hashes). Survives KEK rotation.
+- `keyed_hash(purpose, data) -> hex str`.
+- `data_key(dataset, column, deterministic=..., kek=..., uses=n) -> DataKey` (the encrypt action).
+- `wrapped_keys_used() -> list[dict]`: every wrapped DEK this worker process made or loaded for this keyring.
+  Writers put `parquet_key_metadata()` into each Parquet file's key-value metadata
+  (`pq.ParquetWriter.add_key_value_metadata(...)` just before `close()`), and the launcher puts
+  `keys_manifest_section(ref, records)` into the manifest under "keys" (records merged from every worker).
+- `seal(...)` / `open_sealed(...)`: self-contained envelope for quarantine records (keys/quarantine.py).
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
 import os
-import stat
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from cloakbeam.errors import KeyAccessError
+from cloakbeam.errors import ConfigError, KeyAccessError
+from cloakbeam.keys import keyring as _kr
+
+ALG_GCM = "AES-256-GCM"
+ALG_SIV = "AES-256-SIV"
+PARQUET_KEYS_METADATA = "cloakbeam.wrapped_keys"
+DEFAULT_KEK = "default"
+DEFAULT_DEK_TTL_SECONDS = 3600.0
+#: Encryptions per random-nonce DEK; NIST SP 800-38D bounds random 96-bit nonces at 2^32 per key.
+DEFAULT_DEK_MAX_USES = 2**24
+DEK_MAX_USES_CEILING = 2**30
 
 
 @dataclass(frozen=True)
 class KeyRef:
-    """Where keys live, without any key material: safe to pickle into a DoFn and to write in a manifest."""
+    """Where keys live, without any key material: safe to pickle into a DoFn and to write in a manifest.
+
+    params (all optional, non-secret): dek_ttl_seconds, dek_max_uses, and provider settings (key_id, endpoint,
+    region, mount, ...). Secrets such as KMS credentials come from the provider's usual environment.
+    """
 
     provider: str = "local"
     path: str | None = None
@@ -42,12 +73,77 @@ class KeyRef:
         return {"provider": self.provider, "path": self.path, **dict(self.params)}
 
 
-class KeyService:
-    """Key material for one worker. Not picklable; create it in `DoFn.setup()`."""
+class DataKey:
+    """One data key: its id, mode and AEAD object. Never pickled, never printed."""
 
-    def __init__(self, ref: KeyRef, root: bytes) -> None:
+    __slots__ = ("key_id", "deterministic", "aead", "record")
+
+    def __init__(self, key_id: bytes, deterministic: bool, aead: Any, record: dict[str, Any]) -> None:
+        self.key_id = key_id
+        self.deterministic = deterministic
+        self.aead = aead
+        self.record = record
+
+    def __reduce__(self):  # noqa: D105
+        raise TypeError("a DataKey holds key material and cannot be pickled")
+
+    def __repr__(self) -> str:
+        return f"DataKey(key_id={self.key_id.hex()}, mode={'deterministic' if self.deterministic else 'random'})"
+
+
+@dataclass
+class _Entry:
+    key: DataKey
+    created: float
+    uses: int = 0
+
+
+class _ProcessDeks:
+    """Per-process DEK cache shared by every KeyService of one keyring (so several DoFns share DEKs)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.active: dict[tuple[str, str, str, bool], _Entry] = {}
+        self.records: dict[str, dict[str, Any]] = {}  # key id hex -> wrapped record
+        self.unwrapped: dict[str, DataKey] = {}
+        self.kms_calls = 0
+
+
+_PROCESS: dict[tuple[KeyRef, str], _ProcessDeks] = {}
+_PROCESS_LOCK = threading.Lock()
+
+
+def _dek_aad(record: dict[str, Any]) -> bytes:
+    bound = {k: record[k] for k in ("key_id", "alg", "dataset", "column")}
+    return b"cloakbeam-dek/v1\x00" + json.dumps(bound, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _secret_aad(name: str) -> bytes:
+    return b"cloakbeam-secret/v1\x00" + name.encode()
+
+
+def _aead_for(alg: str, key: bytes) -> Any:
+    if alg == ALG_GCM and len(key) == 32:
+        return AESGCM(key)
+    if alg == ALG_SIV and len(key) == 64:
+        return AESSIV(key)
+    raise KeyAccessError(f"unsupported data key algorithm or size ({alg})")
+
+
+class KeyService:
+    """Key material for one worker. Not picklable; create it in `DoFn.setup()` with `open_key_service`."""
+
+    def __init__(self, ref: KeyRef, provider: Any, doc: dict[str, Any]) -> None:
         self.ref = ref
-        self._root = root
+        self._provider = provider
+        self._doc = doc
+        self._state = _process_state(ref, doc.get("keyring_id", ""))
+        self._ttl = _float_param(ref, "dek_ttl_seconds", DEFAULT_DEK_TTL_SECONDS)
+        self._max_uses = int(_float_param(ref, "dek_max_uses", DEFAULT_DEK_MAX_USES))
+        if not 1 <= self._max_uses <= DEK_MAX_USES_CEILING:
+            raise ConfigError(f"dek_max_uses must be between 1 and {DEK_MAX_USES_CEILING}")
+        self._root = self._unwrap_secret("root", 32)
+        self._signing: Ed25519PrivateKey | None = None
 
     def __reduce__(self):  # noqa: D105
         raise TypeError("KeyService holds key material and cannot be pickled; pickle its KeyRef instead")
@@ -55,49 +151,377 @@ class KeyService:
     def __repr__(self) -> str:
         return f"KeyService(provider={self.ref.provider!r})"
 
+    # -- long-lived secrets ------------------------------------------------------------------------
+    def _unwrap_secret(self, name: str, size: int) -> bytes:
+        entry = (self._doc.get("secrets") or {}).get(name)
+        if not entry:
+            raise KeyAccessError(f"keyring {self.ref.path} has no '{name}' secret; it was not created by 'cloakbeam keys init'")
+        with self._state.lock:
+            self._state.kms_calls += 1
+        raw = self._provider.unwrap(entry["kek"], entry["kek_version"], _kr.b64d(entry["wrapped"]), _secret_aad(name))
+        if len(raw) != size:
+            raise KeyAccessError(f"keyring {self.ref.path}: secret '{name}' has the wrong size")
+        return raw
+
     def prf_key(self, purpose: str) -> bytes:
-        """A 32-byte key for `purpose`, derived with HKDF-SHA256 from the keyring's root secret."""
+        """A 32-byte key for `purpose`, derived with HKDF-SHA256 from the keyring's long-lived root secret."""
+        if not self._root:
+            raise KeyAccessError("this KeyService was closed")
         return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"cloakbeam/prf/" + purpose.encode()).derive(self._root)
 
     def keyed_hash(self, purpose: str, data: bytes) -> str:
         """Hex HMAC-SHA256 of `data` under the purpose key (for quarantine fingerprints and blind indexes)."""
         return hmac.new(self.prf_key(purpose), data, hashlib.sha256).hexdigest()
 
+    def signing_key(self) -> Ed25519PrivateKey:
+        """The Ed25519 manifest signing key (unwrapped on first use)."""
+        if self._signing is None:
+            self._signing = Ed25519PrivateKey.from_private_bytes(self._unwrap_secret("signing", 32))
+        return self._signing
+
+    def signing_public_key(self) -> Ed25519PublicKey:
+        raw = _kr.b64d(self._doc["signing_public_key"])
+        return Ed25519PublicKey.from_public_bytes(raw)
+
+    # -- data keys ----------------------------------------------------------------------------------
+    @property
+    def kms_calls(self) -> int:
+        """KEK operations (wrap/unwrap) made by this process for this keyring; for tests and metrics."""
+        return self._state.kms_calls
+
+    def data_key(self, dataset: str, column: str, *, deterministic: bool = False, kek: str = DEFAULT_KEK, uses: int = 1) -> DataKey:
+        """A data key for `uses` cell encryptions of (`dataset`, `column`).
+
+        Random mode: the process's cached DEK while it is younger than the TTL and has fewer than
+        `dek_max_uses` encryptions, otherwise a fresh random DEK wrapped under the newest version of KEK `kek`
+        (one KMS call). Deterministic mode: AES-SIV key derived from the root secret for (kek, dataset,
+        column), identical on every worker and run.
+        """
+        if uses > self._max_uses:
+            raise ValueError(f"a single request for {uses} encryptions exceeds dek_max_uses; split the batch")
+        slot = (dataset, column, kek, deterministic)
+        now = time.monotonic()
+        with self._state.lock:
+            entry = self._state.active.get(slot)
+            if entry is not None and (deterministic or (now - entry.created < self._ttl and entry.uses + uses <= self._max_uses)):
+                entry.uses += uses
+                return entry.key
+        key = self._new_data_key(dataset, column, deterministic, kek)
+        with self._state.lock:
+            entry = _Entry(key=key, created=now, uses=uses)
+            self._state.active[slot] = entry
+            self._state.records[key.key_id.hex()] = key.record
+            self._state.unwrapped[key.key_id.hex()] = key
+        return key
+
+    def _new_data_key(self, dataset: str, column: str, deterministic: bool, kek: str) -> DataKey:
+        if deterministic:
+            info = json.dumps(["siv", kek, dataset, column]).encode()
+            material = HKDF(algorithm=hashes.SHA256(), length=64, salt=None, info=b"cloakbeam/dek/" + info).derive(self._root)
+            key_id = HKDF(algorithm=hashes.SHA256(), length=8, salt=None, info=b"cloakbeam/dek-id/" + info).derive(self._root)
+            alg = ALG_SIV
+        else:
+            material = os.urandom(32)
+            key_id = os.urandom(8)
+            alg = ALG_GCM
+        record: dict[str, Any] = {"key_id": key_id.hex(), "alg": alg, "dataset": dataset, "column": column, "provider": self.ref.provider, "kek": kek}
+        with self._state.lock:
+            self._state.kms_calls += 1
+        version, wrapped = self._provider.wrap(kek, material, _dek_aad(record))
+        record.update({"kek_version": version, "wrapped": _kr.b64e(wrapped), "created": _kr.now_iso()})
+        return DataKey(key_id, deterministic, _aead_for(alg, material), record)
+
+    def wrapped_keys_used(self) -> list[dict[str, Any]]:
+        """Wrapped records (no key material) of every DEK this process made or used for this keyring, sorted."""
+        with self._state.lock:
+            return [dict(self._state.records[k]) for k in sorted(self._state.records)]
+
+    def parquet_key_metadata(self) -> dict[str, str]:
+        """Key-value metadata for a Parquet file: {"cloakbeam.wrapped_keys": JSON list}, or {} when none."""
+        records = self.wrapped_keys_used()
+        return {PARQUET_KEYS_METADATA: json.dumps(records, sort_keys=True)} if records else {}
+
+    def unwrap_data_key(self, record: dict[str, Any]) -> DataKey:
+        """Unwrap one recorded DEK (cached per process); KeyAccessError when its KEK version is retired/wrong."""
+        kid = str(record.get("key_id", ""))
+        with self._state.lock:
+            hit = self._state.unwrapped.get(kid)
+        if hit is not None:
+            return hit
+        try:
+            alg = record["alg"]
+            wrapped = _kr.b64d(record["wrapped"])
+            key_id = bytes.fromhex(kid)
+        except Exception:
+            raise KeyAccessError(f"wrapped key record {kid or '?'} is malformed") from None
+        if record.get("provider", self.ref.provider) != self.ref.provider:
+            raise KeyAccessError(f"data key {kid} was wrapped by provider '{record.get('provider')}', not '{self.ref.provider}'")
+        with self._state.lock:
+            self._state.kms_calls += 1
+        material = self._provider.unwrap(record["kek"], str(record["kek_version"]), wrapped, _dek_aad(record))
+        key = DataKey(key_id, alg == ALG_SIV, _aead_for(alg, material), dict(record))
+        with self._state.lock:
+            self._state.unwrapped[kid] = key
+        return key
+
+    def key_lookup(self, records: Iterable[dict[str, Any]]) -> Callable[[bytes], DataKey | None]:
+        """A key-id -> DataKey function over `records` (from Parquet metadata and/or the manifest)."""
+        by_id = {str(r.get("key_id")): r for r in records}
+
+        def lookup(kid: bytes) -> DataKey | None:
+            rec = by_id.get(kid.hex())
+            return None if rec is None else self.unwrap_data_key(rec)
+
+        return lookup
+
+    def rewrap_record(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The same DEK wrapped under the newest version of its KEK (the data is not touched)."""
+        try:
+            wrapped_old = _kr.b64d(record["wrapped"])
+        except Exception:
+            raise KeyAccessError(f"wrapped key record {record.get('key_id', '?')} is malformed") from None
+        with self._state.lock:
+            self._state.kms_calls += 1
+        material = self._provider.unwrap(record["kek"], str(record["kek_version"]), wrapped_old, _dek_aad(record))
+        base = {k: record[k] for k in ("key_id", "alg", "dataset", "column")}
+        out = dict(record, provider=self.ref.provider)
+        with self._state.lock:
+            self._state.kms_calls += 1
+        version, wrapped = self._provider.wrap(record["kek"], material, _dek_aad(base))
+        out.update({"kek_version": version, "wrapped": _kr.b64e(wrapped), "rewrapped": _kr.now_iso()})
+        return out
+
+    # -- envelope for single blobs (quarantine) -----------------------------------------------------
+    def seal(self, plaintext: bytes, *, dataset: str, purpose: str, context: str) -> bytes:
+        """Self-contained envelope: u16 record length || wrapped-DEK JSON || GCM cell (context bound as AAD)."""
+        from cloakbeam.keys.cells import encrypt_column
+        import pyarrow as pa
+
+        key = self.data_key(dataset, f"__{purpose}__", uses=1)
+        cell = encrypt_column(pa.array([plaintext], pa.binary()), key, dataset=dataset, column=f"__{purpose}__/{context}")[0].as_py()
+        rec = json.dumps(key.record, sort_keys=True, separators=(",", ":")).encode()
+        return len(rec).to_bytes(4, "big") + rec + cell
+
+    def open_sealed(self, blob: bytes, *, dataset: str, purpose: str, context: str) -> bytes:
+        from cloakbeam.errors import IntegrityError
+        from cloakbeam.keys.cells import decrypt_column
+        import pyarrow as pa
+
+        try:
+            n = int.from_bytes(blob[:4], "big")
+            record = json.loads(blob[4 : 4 + n])
+            cell = blob[4 + n :]
+        except Exception:
+            raise IntegrityError(f"sealed {purpose} record is malformed") from None
+        key = self.unwrap_data_key(record)
+        out = decrypt_column(pa.array([cell], pa.binary()), {key.key_id: key}, dataset=dataset, column=f"__{purpose}__/{context}")
+        return out[0].as_py()
+
+    # -- administration (CLI) -----------------------------------------------------------------------
+    def list_keys(self) -> list[dict[str, Any]]:
+        return self._provider.list_keys()
+
+    def rotate(self, kek: str = DEFAULT_KEK) -> str:
+        """Add a new version of KEK `kek` and re-wrap the keyring's own secrets under it; saves the keyring."""
+        version = self._provider.rotate(kek)
+        secrets = self._doc.setdefault("secrets", {})
+        for name, size in (("root", 32), ("signing", 32)):
+            entry = secrets.get(name)
+            if entry and entry["kek"] == kek:
+                raw = self._unwrap_secret(name, size)
+                v, wrapped = self._provider.wrap(kek, raw, _secret_aad(name))
+                secrets[name] = {"kek": kek, "kek_version": v, "wrapped": _kr.b64e(wrapped)}
+        self.save()
+        return version
+
+    def retire(self, kek: str, version: str) -> None:
+        """Retire (destroy) an old KEK version. Refused while the keyring's own secrets still need it."""
+        for name, entry in (self._doc.get("secrets") or {}).items():
+            if entry["kek"] == kek and str(entry["kek_version"]) == str(version):
+                raise KeyAccessError(f"the keyring's '{name}' secret is still wrapped under version {version}; rotate first")
+        self._provider.retire(kek, version)
+        with self._state.lock:  # forget cached keys: retirement must take effect in this process too
+            self._state.unwrapped.clear()
+            self._state.active.clear()
+        self.save()
+
+    def save(self) -> None:
+        if not self.ref.path:
+            raise KeyAccessError("this key reference has no keyring path to save to")
+        _kr.write_keyring_file(self.ref.path, self._doc)
+
     def close(self) -> None:
         self._root = b""
+        self._signing = None
+
+
+def _float_param(ref: KeyRef, name: str, default: float) -> float:
+    raw = ref.param(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"key setting '{name}' must be a number") from None
+    if value <= 0:
+        raise ConfigError(f"key setting '{name}' must be positive")
+    return value
+
+
+def _process_state(ref: KeyRef, keyring_id: str) -> _ProcessDeks:
+    with _PROCESS_LOCK:
+        st = _PROCESS.get((ref, keyring_id))
+        if st is None:
+            st = _PROCESS[(ref, keyring_id)] = _ProcessDeks()
+        return st
+
+
+def process_wrapped_keys(ref: KeyRef) -> list[dict[str, Any]]:
+    """Wrapped-DEK records made or used in this process for keyring `ref`, without opening the keyring.
+
+    For writers whose own context never opened keys (the DEK cache is per process, shared by DoFns).
+    """
+    with _PROCESS_LOCK:
+        states = [st for (r, _), st in _PROCESS.items() if r.provider == ref.provider and r.path == ref.path]
+    out: list[dict[str, Any]] = []
+    for st in states:
+        with st.lock:
+            out.extend(dict(st.records[k]) for k in sorted(st.records))
+    return merge_wrapped_keys(out)
+
+
+def read_parquet_wrapped_keys(path: str) -> list[dict[str, Any]]:
+    """The wrapped-DEK records stored in one Parquet file's key-value metadata ([] when none)."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_metadata(path).metadata or {}
+    except Exception:
+        return []
+    raw = meta.get(PARQUET_KEYS_METADATA.encode())
+    if not raw:
+        return []
+    try:
+        records = json.loads(raw)
+    except ValueError:
+        return []
+    return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
+
+
+def collect_wrapped_keys(out_dir: str, manifest: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every wrapped DEK an output needs: from each data file's Parquet metadata and from the manifest
+    (`wrapped_keys`, `keys.wrapped_keys`, `extra.wrapped_keys`), deduplicated by key id."""
+    import os
+
+    lists: list[list[dict[str, Any]]] = []
+    files: list[str] = []
+    if manifest is not None:
+        files = [os.path.join(out_dir, o["path"]) for o in manifest.get("outputs", []) if str(o.get("path", "")).endswith(".parquet")]
+        for where in (manifest.get("wrapped_keys"), (manifest.get("keys") or {}).get("wrapped_keys") if isinstance(manifest.get("keys"), dict) else None, (manifest.get("extra") or {}).get("wrapped_keys")):
+            if isinstance(where, list):
+                lists.append(where)
+    else:
+        for root, _dirs, names in os.walk(out_dir):
+            files.extend(os.path.join(root, n) for n in names if n.endswith(".parquet"))
+    for f in sorted(files):
+        lists.append(read_parquet_wrapped_keys(f))
+    return merge_wrapped_keys(*lists)
+
+
+def keys_manifest_section(ref: KeyRef, records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest's "keys" section: the key reference and every wrapped DEK (deduplicated by key id)."""
+    return {"ref": ref.describe(), "wrapped_keys": merge_wrapped_keys(records)}
+
+
+def merge_wrapped_keys(*lists: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Union of wrapped-key records by key id; the most recently (re)wrapped record wins."""
+    out: dict[str, dict[str, Any]] = {}
+    for records in lists:
+        for r in records or []:
+            kid = str(r.get("key_id"))
+            prev = out.get(kid)
+            if prev is None or str(r.get("rewrapped", r.get("created", ""))) >= str(prev.get("rewrapped", prev.get("created", ""))):
+                out[kid] = dict(r)
+    return [out[k] for k in sorted(out)]
+
+
+# -- providers ----------------------------------------------------------------------------------------
+
+def make_provider(ref: KeyRef, doc: dict[str, Any]) -> Any:
+    """The KEK provider for `ref` (local keyring, aws-kms, gcp-kms, vault-transit)."""
+    if ref.provider == "local":
+        return _kr.LocalKekProvider(ref.path or "", doc)
+    try:
+        from cloakbeam.keys import kms
+    except ModuleNotFoundError:  # pragma: no cover
+        raise KeyAccessError(f"key provider '{ref.provider}' is not available in this build") from None
+    return kms.make_kms_provider(ref)
+
+
+def init_keyring(
+    path: str | Path,
+    *,
+    provider: str = "local",
+    protection: str = "dev",
+    env: str | None = None,
+    scrypt_n: int = _kr.DEFAULT_SCRYPT_N,
+    params: dict[str, str] | None = None,
+) -> KeyRef:
+    """Create a new keyring file at `path` (refuses to overwrite). Returns the KeyRef that opens it."""
+    p = Path(path)
+    if p.exists():
+        raise ConfigError(f"keyring {p} already exists; use 'cloakbeam keys rotate' to add a key version")
+    ref = KeyRef(provider=provider, path=str(p), params=tuple(sorted((params or {}).items())))
+    doc: dict[str, Any] = {
+        "format": _kr.FORMAT,
+        "version": _kr.FORMAT_VERSION,
+        "provider": provider,
+        "keyring_id": os.urandom(8).hex(),
+        "created": _kr.now_iso(),
+        "dev": protection == "dev",
+        "protection": _kr.new_protection(protection if provider == "local" else "dev", env, scrypt_n) if provider == "local" else {"mode": "kms"},
+        "keks": {},
+        "secrets": {},
+    }
+    if provider != "local":
+        doc["dev"] = False
+    prov = make_provider(ref, doc)
+    if provider == "local":
+        prov.rotate(DEFAULT_KEK)
+    signing = Ed25519PrivateKey.generate()
+    from cryptography.hazmat.primitives import serialization
+
+    raw_signing = signing.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    for name, secret in (("root", os.urandom(32)), ("signing", raw_signing)):
+        v, wrapped = prov.wrap(DEFAULT_KEK, secret, _secret_aad(name))
+        doc["secrets"][name] = {"kek": DEFAULT_KEK, "kek_version": v, "wrapped": _kr.b64e(wrapped)}
+    doc["signing_public_key"] = _kr.b64e(
+        signing.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    )
+    _kr.write_keyring_file(p, doc, create=True)
+    return ref
 
 
 def ensure_local_keyring(path: str | Path) -> bool:
-    """Create a development keyring at `path` (mode 0600) if absent. Returns True when it was created."""
+    """Create an unprotected development keyring (`dev: true`, mode 0600) at `path` if absent.
+
+    Returns True when it was created. For real data use `cloakbeam keys init --protect passphrase|env-key`.
+    """
     p = Path(path)
     if p.exists():
         return False
-    p.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"format": "cloakbeam-dev-keyring", "version": 1, "root": base64.b64encode(os.urandom(32)).decode()}
-    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(doc, fh)
+    try:
+        init_keyring(p, protection="dev")
+    except FileExistsError:  # another process created it concurrently
+        return False
     return True
 
 
 def open_key_service(ref: KeyRef) -> KeyService:
     """Open the keys `ref` points to; raise KeyAccessError with a sentence saying what to fix."""
-    if ref.provider != "local":
-        raise KeyAccessError(f"key provider '{ref.provider}' is not available in this build")
     if not ref.path:
-        raise KeyAccessError("the local key provider needs a keyring path")
-    p = Path(ref.path)
-    try:
-        st = p.stat()
-    except FileNotFoundError:
-        raise KeyAccessError(f"keyring {p} does not exist; create it with 'cloakbeam keys init'") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise KeyAccessError(f"keyring {p} is readable by other users; run 'chmod 600 {p}'")
-    try:
-        doc = json.loads(p.read_text())
-        root = base64.b64decode(doc["root"])
-    except Exception:
-        raise KeyAccessError(f"keyring {p} is not a valid cloakbeam keyring") from None
-    if len(root) != 32:
-        raise KeyAccessError(f"keyring {p} holds a root key of the wrong size")
-    return KeyService(ref, root)
+        raise KeyAccessError(f"the '{ref.provider}' key provider needs a keyring path")
+    doc = _kr.read_keyring_file(ref.path)
+    if doc.get("provider", "local") != ref.provider:
+        raise KeyAccessError(f"keyring {ref.path} belongs to provider '{doc.get('provider')}', not '{ref.provider}'")
+    return KeyService(ref, make_provider(ref, doc), doc)

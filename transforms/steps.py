@@ -171,6 +171,7 @@ class _ProtectFn(beam.DoFn):
         self.output_schema = self.policy.output_schema(_field_classes(self.policy))
         self.ctx = _runtime_context(self.runtime)
         self._protect = protect_batch
+        self._sent_keys: set[str] = set()
 
     def teardown(self) -> None:
         self.ctx.close()
@@ -184,8 +185,13 @@ class _ProtectFn(beam.DoFn):
         if BATCH_ID_KEY in meta:
             out = out.replace_schema_metadata({**(out.schema.metadata or {}), BATCH_ID_KEY: meta[BATCH_ID_KEY]})
         yield out
-        if self.ctx.stats:
-            yield RunStats(fields=self.ctx.stats.copy())
+        # Wrapped data keys made since the last batch travel to the manifest (extra.wrapped_keys), so
+        # outputs stay decryptable even when protect and write run in different worker processes.
+        keys = self.ctx._keys
+        fresh = [r for r in keys.wrapped_keys_used() if r["key_id"] not in self._sent_keys] if keys is not None else []
+        self._sent_keys |= {r["key_id"] for r in fresh}
+        if self.ctx.stats or fresh:
+            yield RunStats(fields=self.ctx.stats.copy(), extra={"wrapped_keys": fresh} if fresh else {})
             self.ctx.stats.clear()
 
 
@@ -259,7 +265,11 @@ def _key_metadata(ctx: Any) -> dict[bytes, bytes]:
     keys = ctx._keys
     used = getattr(keys, "wrapped_keys_used", None) if keys is not None else None
     if used is None:
-        return {}
+        # The DEK cache is per process: records made by the protect DoFn are visible without opening keys.
+        from cloakbeam.keys.service import process_wrapped_keys
+
+        ref = getattr(getattr(ctx, "runtime", None), "keys", None)
+        used = (lambda: process_wrapped_keys(ref)) if ref is not None else (lambda: [])
     import json
 
     records = used()
