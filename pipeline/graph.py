@@ -69,6 +69,7 @@ def prepare(settings: RunSettings) -> PreparedRun:
         raise ConfigError("--batch-size must be a positive number of rows")
     schema = load_schema(settings.schema)
     policy = load_policy(settings.policy, schema)
+    _check_inputs(settings.inputs)
     config = load_config_file(settings.config)
     state = resolve_state_dir(settings.state_dir, config)
     keys = key_ref_from(config, state)
@@ -93,6 +94,19 @@ def prepare(settings: RunSettings) -> PreparedRun:
     check_runner_compatibility(settings.runner, runtime, settings.runner_options)
     stats_path = fsio.join(out_dir, STATS_DIR, f"{runtime.run_id}.stats")
     return PreparedRun(settings, policy, runtime, out_dir, stats_path)
+
+
+def _check_inputs(patterns: Sequence[str]) -> None:
+    """Every input pattern must match at least one file now (streaming watches use their own check)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    for pattern in patterns:
+        try:
+            matched = FileSystems.match([pattern])[0].metadata_list
+        except Exception as exc:  # unknown scheme or missing filesystem extras
+            raise ConfigError(f"cannot list input {pattern}: {type(exc).__name__}; check the path and that Beam's filesystem extras are installed") from None
+        if not matched:
+            raise ConfigError(f"input pattern {pattern} matches no file")
 
 
 def _prepare_output(out_dir: str, overwrite: bool) -> None:

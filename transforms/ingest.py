@@ -274,7 +274,10 @@ def _read_text(fh: BinaryIO, source: str, schema: InputSchema, batch_size: int, 
             try:
                 columns = next(csv.reader([raw.decode("utf-8")]))
             except (UnicodeDecodeError, csv.Error, StopIteration):
-                yield Rejected(source, f"line {lineno}", "malformed_csv_header", None, raw, records=0)
+                # Without a header no line can be mapped to fields: quarantine the whole file as one entry
+                # that counts every remaining non-empty line.
+                rest = sum(1 for line in fh if line.strip())
+                yield Rejected(source, f"line {lineno}", "malformed_csv_header", None, raw, records=rest)
                 return
             continue
         stripped = raw.strip()
@@ -403,7 +406,7 @@ def _read_parquet(fh: BinaryIO, source: str, schema: InputSchema, batch_size: in
     try:
         pf = pq.ParquetFile(fh)
     except Exception:
-        yield Rejected(source, "byte offset 0", "corrupt_parquet", None, b"", records=0)
+        yield Rejected(source, "byte offset 0", "corrupt_parquet", None, b"", records=1)
         return
     offset = 0
     for batch in pf.iter_batches(batch_size=batch_size):
