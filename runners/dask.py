@@ -1,0 +1,137 @@
+"""The `dask` profile: Beam's DaskRunner on a dask.distributed cluster.
+
+`--dask-address tcp://host:8786` connects to an existing scheduler. Without it, cloakbeam starts a
+`LocalCluster` of worker *processes* (default 2, one thread each) listening on 127.0.0.1 for the duration of the
+run and shuts it down afterwards. The DaskRunner opens its own `Client` from `--dask_client_address`; this
+profile closes that client when the run ends.
+
+The DaskRunner executes some pipeline shapes wrongly without an error (see runners/shape.py); this profile's
+runner checks the built pipeline first and refuses such a shape with ConfigError. It never falls back to
+another runner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Iterator, Mapping, Sequence
+
+from cloakbeam.errors import ConfigError
+from cloakbeam.runners.base import RunnerHandle, no_fallback, reject_unknown
+
+OPTIONS = ("dask_address", "workers", "threads_per_worker", "npartitions")
+DEFAULT_WORKERS = 2
+PARTITIONS_PER_WORKER = 2
+
+
+def _runner_class() -> type:
+    try:
+        from apache_beam.runners.dask.dask_runner import DaskRunner
+    except ImportError as exc:  # pragma: no cover - dask is a declared dependency
+        raise no_fallback("dask", exc) from None
+
+    class CheckedDaskRunner(DaskRunner):
+        """DaskRunner that refuses pipeline shapes it would run wrongly and remembers the client it opened."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.results: list[Any] = []
+
+        def run_pipeline(self, pipeline: Any, options: Any) -> Any:
+            from apache_beam.options.pipeline_options import StandardOptions
+
+            from cloakbeam.runners.shape import dask_shape_problems
+
+            if options.view_as(StandardOptions).streaming:
+                raise ConfigError("--runner dask runs batch jobs only; use --runner direct (local) or flink/dataflow for streaming")
+            problems = dask_shape_problems(pipeline)
+            if problems:
+                raise ConfigError("this pipeline would run incorrectly on the DaskRunner: " + "; ".join(problems))
+            result = super().run_pipeline(pipeline, options)
+            self.results.append(result)
+            return result
+
+        def close_clients(self) -> None:
+            while self.results:
+                result = self.results.pop()
+                with contextlib.suppress(Exception):
+                    result.client.close()
+
+    return CheckedDaskRunner
+
+
+class DaskHandle(RunnerHandle):
+    name = "dask"
+
+    def __init__(self, beam_runner: Any, options: Any, address: str | None, workers: int, threads: int) -> None:
+        super().__init__(beam_runner, options)
+        self.address = address
+        self.workers = workers
+        self.threads = threads
+        self.cluster: Any = None
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator["DaskHandle"]:
+        """Start a LocalCluster when no scheduler address was given; close the run's client and the cluster."""
+        from apache_beam.runners.dask.dask_runner import DaskOptions
+
+        dopts = self.options.view_as(DaskOptions)
+        try:
+            if self.address is None:
+                self.cluster = start_local_cluster(self.workers, self.threads)
+                dopts.address = self.cluster.scheduler_address
+            else:
+                dopts.address = self.address
+            yield self
+        finally:
+            self.beam_runner.close_clients()
+            if self.cluster is not None:
+                with contextlib.suppress(Exception):
+                    self.cluster.close()
+                self.cluster = None
+
+
+def start_local_cluster(workers: int = DEFAULT_WORKERS, threads_per_worker: int = 1) -> Any:
+    """A dask.distributed LocalCluster of worker processes over TCP on loopback, without a dashboard."""
+    try:
+        from distributed import LocalCluster
+    except ImportError as exc:  # pragma: no cover
+        raise no_fallback("dask", exc) from None
+    return LocalCluster(
+        n_workers=workers,
+        threads_per_worker=threads_per_worker,
+        processes=True,
+        host="127.0.0.1",
+        protocol="tcp",
+        dashboard_address=None,
+        silence_logs=logging.WARNING,
+    )
+
+
+def make(beam_args: Sequence[str], runner_options: Mapping[str, Any] | None) -> tuple[DaskHandle, Any]:
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+    from apache_beam.runners.dask.dask_runner import DaskOptions
+
+    opts = reject_unknown("dask", runner_options, OPTIONS)
+    options = PipelineOptions(list(beam_args))
+    if options.view_as(StandardOptions).streaming:
+        raise ConfigError("--runner dask runs batch jobs only; drop --streaming or use another runner")
+    dopts = options.view_as(DaskOptions)
+    address = opts.get("dask_address")
+    if dopts.address and address and dopts.address != address:
+        raise ConfigError("--dask-address and --dask_client_address name different schedulers; give only one")
+    address = address or dopts.address
+    if address is not None and not str(address).strip():
+        raise ConfigError("--dask-address is empty; give the scheduler address, e.g. tcp://10.0.0.5:8786")
+    workers = int(opts.get("workers") or DEFAULT_WORKERS)
+    threads = int(opts.get("threads_per_worker") or 1)
+    if workers < 1 or threads < 1:
+        raise ConfigError("--workers must be at least 1")
+    if address is not None and opts.get("workers"):
+        raise ConfigError("--workers sizes a local cluster; with --dask-address the existing cluster decides its workers")
+    if dopts.npartitions is None and dopts.partition_size is None:
+        dopts.npartitions = int(opts.get("npartitions") or workers * PARTITIONS_PER_WORKER)
+    if dopts.npartitions is not None and dopts.npartitions < 1:
+        raise ConfigError("--dask_npartitions must be at least 1")
+    options.view_as(StandardOptions).runner = None
+    return DaskHandle(_runner_class()(), options, address, workers, threads), options
