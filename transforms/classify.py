@@ -416,6 +416,9 @@ def compile_section(raw: Any, schema: InputSchema, policy: CompiledPolicy) -> Cl
 
     # Actions that read other fields (scrub `link`, date_shift `subject`) must name real leaf fields.
     for path, action in policy.actions.items():
+        bind = getattr(action, "bind_schema", None)
+        if callable(bind):
+            bind(schema)
         linked = getattr(action, "linked_fields", None)
         for other in linked() if callable(linked) else []:
             if other not in schema.fields or schema.fields[other].is_record:

@@ -313,22 +313,27 @@ def any_candidate(column: pa.Array, detectors: Iterable[str]) -> np.ndarray:
     return _np_bool(pc.match_substring_regex(strings, combined))
 
 
+def iter_candidates(detector: Detector | str, text: str) -> Iterable[tuple[int, int]]:
+    """(start, end) of every unvalidated regex candidate of one detector in one string."""
+    det = DETECTORS[detector] if isinstance(detector, str) else detector
+    rx = det.regex()
+    pos = 0
+    while True:
+        m = rx.search(text, pos)
+        if m is None:
+            return
+        yield m.start("m"), m.end("m")
+        # Continue right after the candidate, so the trailing context character can lead the next match.
+        pos = max(m.end("m"), m.start() + 1)
+
+
 def find_spans(text: str, detectors: Iterable[str]) -> list[tuple[int, int, str]]:
-    """Every validated (start, end, detector name) span in one string. Candidates of all detectors are
-    validated in one vectorized call per detector."""
+    """Every validated (start, end, detector name) span in one string, candidates validated per detector in
+    one vectorized call."""
     out: list[tuple[int, int, str]] = []
     for name in detectors:
         det = DETECTORS[name]
-        spans = []
-        pos = 0
-        rx = det.regex()
-        while True:
-            m = rx.search(text, pos)
-            if m is None:
-                break
-            spans.append((m.start("m"), m.end("m")))
-            # Continue right after the candidate so the trailing context character can lead the next match.
-            pos = max(m.end("m"), m.start() + 1)
+        spans = list(iter_candidates(det, text))
         if not spans:
             continue
         if det.validate is not None:

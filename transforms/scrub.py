@@ -1,0 +1,215 @@
+"""The `scrub` action: find personal data inside free text and replace it through presidio-anonymizer.
+
+Spans come from two sources:
+- the content detectors (`transforms/detectors.py`: e-mail, phone, SSN, card, IP), validated, and
+- the record's own linked values (`link: [full_name, email, phone, ssn]`): wherever a note repeats the
+  record's name, e-mail, phone or SSN it is a span of that field's class, whatever its shape. For a linked
+  PERSON_NAME field each name part (3+ letters) is a span too ("Mr. Whitfield").
+
+Spans are handed to presidio's `AnonymizerEngine` as `RecognizerResult`s; its conflict resolution merges
+overlaps. `mode: placeholder` (default) replaces a span with its type (`<EMAIL>`, `<PERSON_NAME>`);
+`mode: pseudonym` replaces names, e-mails and phones with the same keyed surrogates the `pseudonymize` action
+produces for the same domain (a custom operator), other types with placeholders.
+
+Cost: free text is per row by nature (presidio takes one string). Per batch, one vectorized regex over the
+column selects rows with any detector candidate; linked-value containment is a substring test per row; only
+rows with at least one validated span reach presidio. Candidate validation is vectorized across the batch
+(one call per detector). `benchmarks/bench_classify_mask.py` measures it.
+
+Counts: `scrub.<field>.<TYPE>` spans replaced, `scrub.<field>.rows_changed`. Nothing is logged; a row that
+presidio cannot process raises with the field and row index only.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+
+from cloakbeam.transforms.detectors import DETECTORS, TEXT_DETECTORS, any_candidate, as_strings, iter_candidates
+from cloakbeam.transforms.pseudonymize import SurrogateGenerator, pseudonym_key
+from cloakbeam.transforms.registry import Action, ActionContext, Param, register
+
+_MODES = ("placeholder", "pseudonym")
+_PSEUDONYM_KIND = {"PERSON_NAME": "name", "EMAIL": "email", "PHONE": "phone"}
+_TEXT_TYPES = {d: DETECTORS[d].data_class for d in DETECTORS}
+
+
+def _check_link(v: list) -> str | None:
+    if not all(isinstance(x, str) and x for x in v):
+        return "must be a list of field paths, e.g. [full_name, email]"
+    return None
+
+
+def _check_detectors(v: list) -> str | None:
+    bad = [x for x in v if x not in DETECTORS or not DETECTORS[x].in_text]
+    if bad:
+        return f"names an unknown or non-text detector '{bad[0]}'; use some of {', '.join(d for d in DETECTORS if DETECTORS[d].in_text)}"
+    return None
+
+
+@register
+class Scrub(Action):
+    """Replace PII spans inside a free-text field; the rest of the text is kept."""
+
+    name = "scrub"
+    params = {
+        "link": Param(list, default=[], check=_check_link, doc="fields of the same record whose values are PII in this text"),
+        "detectors": Param(list, default=list(TEXT_DETECTORS), check=_check_detectors, doc="content detectors to run"),
+        "mode": Param(str, default="placeholder", choices=_MODES, doc="placeholder (<EMAIL>) or pseudonym"),
+        "name_parts": Param(bool, default=True, doc="also replace each part of a linked name"),
+        "locale": Param(str, default="en_US", doc="Faker locale for pseudonym mode"),
+    }
+    accepts = (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),)
+
+    def configure(self) -> None:
+        if self.field.path in self.options["link"]:
+            raise self.fail("cannot link the field to itself; list the record's other PII fields")
+        self._link_types: dict[str, str] = {}
+        for path in self.options["link"]:
+            self._link_types[path] = _guess_type(path)
+        self._engine: Any = None
+
+    @property
+    def requires(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({"keys"}) if self.options["mode"] == "pseudonym" else frozenset()
+
+    def linked_fields(self) -> list[str]:
+        return list(self.options["link"])
+
+    def bind_schema(self, schema: Any) -> None:
+        """Use the linked fields' declared classes as span types (called by the classification compiler)."""
+        for path in self.options["link"]:
+            info = schema.fields.get(path)
+            if info is not None and info.declared_class:
+                self._link_types[path] = info.declared_class
+
+    def output_type(self) -> pa.DataType | None:
+        return pa.string()
+
+    def describe(self) -> dict[str, Any]:
+        return {"action": self.name, "mode": self.options["mode"], "link": list(self.options["link"]), "detectors": list(self.options["detectors"])}
+
+    # -- run time -----------------------------------------------------------------------------------
+    def _anonymizer(self) -> Any:
+        if self._engine is None:
+            from presidio_anonymizer import AnonymizerEngine
+
+            self._engine = AnonymizerEngine()
+        return self._engine
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_engine"] = None  # rebuilt per worker
+        return state
+
+    def apply(self, column: pa.Array, columns: Mapping[str, pa.Array], ctx: ActionContext) -> pa.Array:
+        from presidio_anonymizer.entities import OperatorConfig, RecognizerResult
+
+        strings = as_strings(column)
+        n = len(strings)
+        texts = strings.to_pylist()
+        dets = tuple(self.options["detectors"])
+        rows = any_candidate(strings, dets) if dets else np.zeros(n, dtype=bool)
+        linked: dict[str, list[Any]] = {}
+        for path in self.options["link"]:
+            other = columns.get(path)
+            if other is None:
+                raise RuntimeError(f"field '{self.field.path}': linked field '{path}' is not in the batch")
+            linked[path] = (as_strings(other) or other.cast(pa.string())).to_pylist()
+        spans: dict[int, list[tuple[int, int, str]]] = {}
+        # Linked values: a case-insensitive substring test per row (cheap), then exact positions.
+        for path, values in linked.items():
+            typ = self._link_types[path]
+            for i in range(n):
+                text, v = texts[i], values[i]
+                if text is None or not v:
+                    continue
+                for needle, span_type in _needles(v, typ, self.options["name_parts"]):
+                    if needle.lower() in text.lower():
+                        rx = re.compile(r"(?<!\w)" + re.escape(needle) + r"(?!\w)", re.IGNORECASE)
+                        for m in rx.finditer(text):
+                            spans.setdefault(i, []).append((m.start(), m.end(), span_type))
+        # Detector candidates on the pre-filtered rows, validated per detector in one vectorized call.
+        cand_rows = np.flatnonzero(rows)
+        for det in dets:
+            d = DETECTORS[det]
+            where: list[tuple[int, int, int]] = []
+            for i in cand_rows:
+                text = texts[i]
+                for s, e in iter_candidates(d, text):
+                    where.append((int(i), s, e))
+            if not where:
+                continue
+            if d.validate is not None:
+                ok = d.validate(pa.array([texts[i][s:e] for i, s, e in where], type=pa.string()))
+            else:
+                ok = np.ones(len(where), dtype=bool)
+            for (i, s, e), good in zip(where, ok):
+                if good:
+                    spans.setdefault(i, []).append((s, e, _TEXT_TYPES[det]))
+        if not spans:
+            return strings
+        operators = self._operators(ctx, OperatorConfig)
+        engine = self._anonymizer()
+        out = list(texts)
+        counts: dict[str, int] = {}
+        for i, found in spans.items():
+            results = [RecognizerResult(entity_type=t, start=s, end=e, score=1.0) for s, e, t in found]
+            try:
+                res = engine.anonymize(text=texts[i], analyzer_results=results, operators=operators)
+            except Exception as exc:  # presidio errors quote no text, but keep ours value-free regardless
+                raise RuntimeError(f"field '{self.field.path}': scrubbing row {i} of the batch failed ({type(exc).__name__})") from None
+            out[i] = res.text
+            for item in res.items:
+                t = item.entity_type.split(":", 1)[0]
+                counts[t] = counts.get(t, 0) + 1
+        for t, c in counts.items():
+            ctx.count(f"scrub.{self.field.path}.{t}", c)
+        ctx.count(f"scrub.{self.field.path}.rows_changed", len(spans))
+        return pa.array(out, type=pa.string())
+
+    def _operators(self, ctx: ActionContext, OperatorConfig: Any) -> dict[str, Any]:
+        types = set(_TEXT_TYPES.values()) | set(self._link_types.values()) | {"PII"}
+        ops: dict[str, Any] = {"DEFAULT": OperatorConfig("replace", {"new_value": "<PII>"})}
+        for t in types:
+            ops[t] = OperatorConfig("replace", {"new_value": f"<{t}>"})
+            ops[f"{t}:first"] = OperatorConfig("replace", {"new_value": f"<{t}>"})
+            ops[f"{t}:last"] = OperatorConfig("replace", {"new_value": f"<{t}>"})
+        if self.options["mode"] == "pseudonym":
+            for t, kind in _PSEUDONYM_KIND.items():
+                ops[t] = OperatorConfig("custom", {"lambda": self._surrogate_fn(ctx, kind)})
+            ops["PERSON_NAME:first"] = OperatorConfig("custom", {"lambda": self._surrogate_fn(ctx, "first_name")})
+            ops["PERSON_NAME:last"] = OperatorConfig("custom", {"lambda": self._surrogate_fn(ctx, "last_name")})
+        return ops
+
+    def _surrogate_fn(self, ctx: ActionContext, kind: str):
+        gen = SurrogateGenerator(kind, self.options["locale"])
+        key = pseudonym_key(ctx, kind)
+        cache: dict[str, str] = {}
+
+        def fn(text: str) -> str:
+            if text not in cache:
+                cache[text] = gen.one(key, text)
+            return cache[text]
+
+        return fn
+
+
+def _needles(value: Any, typ: str, name_parts: bool) -> list[tuple[str, str]]:
+    """The strings to look for in the text for one linked value, longest first, with their span type."""
+    v = str(value).strip()
+    out = [(v, typ)]
+    if typ == "PERSON_NAME" and name_parts:
+        parts = [p for p in re.split(r"\s+", v) if len(p.strip(".,")) >= 3]
+        if len(parts) > 1:
+            out += [(parts[0], "PERSON_NAME:first")] + [(p, "PERSON_NAME:last") for p in parts[1:]]
+    return out
+
+
+def _guess_type(path: str) -> str:
+    from cloakbeam.transforms.classify import name_hint
+
+    return name_hint(path) or "PII"
