@@ -321,6 +321,10 @@ class KeyService:
     def list_keys(self) -> list[dict[str, Any]]:
         return self._provider.list_keys()
 
+    def newest_kek_version(self, kek: str = DEFAULT_KEK) -> str:
+        """The version new data keys are wrapped under (what `rewrap` moves old records to)."""
+        return self._provider.primary_version(kek)
+
     def rotate(self, kek: str = DEFAULT_KEK) -> str:
         """Add a new version of KEK `kek` and re-wrap the keyring's own secrets under it; saves the keyring."""
         version = self._provider.rotate(kek)

@@ -1,0 +1,260 @@
+"""Decryption of output Parquet for authorized users, and rewrapping an output's data keys.
+
+Python API:
+- `decrypt_output(path, key_service, role=..., purpose=..., roles=RolePolicy, columns=None, audit=None)`
+  yields (relative path, decrypted pa.Table) for every Parquet file under `path` (a file or an output dir).
+  Every encrypted column is checked against the role policy (action `decrypt`, domain = column path) before any
+  cell is read; each decision is appended to the audit log when one is given. Refused -> AccessDenied.
+- `rewrap_output(dir, key_service)`: re-wrap every DEK recorded in the output's Parquet metadata and manifest
+  under the newest KEK version; cells are not re-encrypted (the Parquet footers are rewritten, the manifest's
+  file hashes updated and the manifest re-signed).
+
+Errors name file, column and row index, never a value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cloakbeam.errors import AccessDenied, ConfigError, IntegrityError, KeyAccessError
+from cloakbeam.keys.cells import decrypt_column
+from cloakbeam.keys.service import PARQUET_KEYS_METADATA, collect_wrapped_keys, merge_wrapped_keys, read_parquet_wrapped_keys
+
+MANIFEST_NAME = "manifest.json"
+
+
+def encrypted_columns(schema: pa.Schema) -> dict[str, dict[str, Any]]:
+    """Leaf path -> encrypt action description, for every column an `encrypt` action produced."""
+    out: dict[str, dict[str, Any]] = {}
+
+    def walk(prefix: str, f: pa.Field) -> None:
+        path = prefix + f.name
+        if pa.types.is_struct(f.type):
+            for c in f.type:
+                walk(path + ".", c)
+            return
+        raw = (f.metadata or {}).get(b"cloakbeam.action")
+        if raw:
+            try:
+                desc = json.loads(raw)
+            except ValueError:
+                return
+            if desc.get("action") == "encrypt":
+                out[path] = desc
+    for f in schema:
+        walk("", f)
+    return out
+
+
+def _type_from_name(name: str) -> pa.DataType:
+    simple = {
+        "string": pa.string(), "large_string": pa.large_string(), "binary": pa.binary(), "large_binary": pa.large_binary(),
+        "bool": pa.bool_(), "int8": pa.int8(), "int16": pa.int16(), "int32": pa.int32(), "int64": pa.int64(),
+        "uint8": pa.uint8(), "uint16": pa.uint16(), "uint32": pa.uint32(), "uint64": pa.uint64(),
+        "float": pa.float32(), "double": pa.float64(), "halffloat": pa.float16(), "date32[day]": pa.date32(), "date64[ms]": pa.date64(),
+    }
+    if name in simple:
+        return simple[name]
+    if name.startswith("timestamp["):
+        inner = name[len("timestamp[") : -1]
+        unit, _, tz = inner.partition(", tz=")
+        return pa.timestamp(unit, tz or None)
+    if name.startswith("time32[") or name.startswith("time64["):
+        unit = name[7:-1]
+        return pa.time32(unit) if name.startswith("time32") else pa.time64(unit)
+    if name.startswith("duration["):
+        return pa.duration(name[9:-1])
+    if name.startswith("decimal128("):
+        p, s = name[len("decimal128(") : -1].split(",")
+        return pa.decimal128(int(p), int(s))
+    raise IntegrityError(f"cannot restore values of recorded type '{name}'")
+
+
+def _files_under(path: Path) -> tuple[Path, list[Path]]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
+        return path, files
+    if path.is_file():
+        return path.parent, [path]
+    raise ConfigError(f"{path} does not exist")
+
+
+def _manifest_near(base: Path) -> dict[str, Any] | None:
+    for d in (base, base.parent, base.parent.parent):
+        m = d / MANIFEST_NAME
+        if m.is_file():
+            try:
+                return json.loads(m.read_text())
+            except ValueError:
+                raise IntegrityError(f"{m} is not valid JSON") from None
+    return None
+
+
+def decrypt_table(table: pa.Table, key_service: Any, records: Sequence[dict[str, Any]], *, columns: Sequence[str] | None = None, source: str = "") -> pa.Table:
+    """Decrypt the encrypted columns of `table` (all, or those in `columns`). No authorization here:
+    callers outside this module must go through `decrypt_output`, which checks the role policy."""
+    enc = encrypted_columns(table.schema)
+    wanted = set(enc) if columns is None else set(columns)
+    dataset = ((table.schema.metadata or {}).get(b"cloakbeam.dataset") or b"default").decode()
+    lookup = key_service.key_lookup(records)
+    where = f"{source}: " if source else ""
+
+    def rebuild(prefix: str, f: pa.Field, arr: pa.Array) -> tuple[pa.Field, pa.Array]:
+        path = prefix + f.name
+        if pa.types.is_struct(f.type):
+            kids = [rebuild(path + ".", c, a) for c, a in zip(f.type, arr.flatten())]
+            new_type = pa.struct([k[0] for k in kids])
+            mask = arr.is_null() if arr.null_count else None
+            out = pa.StructArray.from_arrays([k[1] for k in kids], fields=list(new_type), mask=mask)
+            return pa.field(f.name, new_type, f.nullable, f.metadata), out
+        if path not in enc or path not in wanted:
+            return f, arr
+        t = _type_from_name(str(enc[path].get("type", "binary")))
+        try:
+            plain = decrypt_column(arr, lookup, dataset=dataset, column=path, value_type=t)
+        except (IntegrityError, KeyAccessError) as exc:
+            raise type(exc)(f"{where}{exc}") from None
+        meta = dict(f.metadata or {})
+        meta[b"cloakbeam.decrypted"] = b"true"
+        return pa.field(f.name, t, True, meta), plain
+
+    fields, arrays = [], []
+    for f, col in zip(table.schema, table.columns):
+        nf, na = rebuild("", f, col.combine_chunks())
+        fields.append(nf)
+        arrays.append(na)
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=table.schema.metadata))
+
+
+def decrypt_output(
+    path: str | Path,
+    key_service: Any,
+    *,
+    role: str,
+    purpose: str,
+    roles: Any,
+    columns: Sequence[str] | None = None,
+    audit: Any = None,
+) -> Iterator[tuple[str, pa.Table]]:
+    """Yield (relative path, decrypted table) per Parquet file, after the role policy allows every column."""
+    base, files = _files_under(Path(path))
+    if not files:
+        raise ConfigError(f"no Parquet files under {path}")
+    manifest = _manifest_near(base)
+    schema = pq.read_schema(files[0])
+    enc = encrypted_columns(schema)
+    if columns is not None:
+        unknown = sorted(set(columns) - set(enc))
+        if unknown:
+            raise ConfigError(f"column '{unknown[0]}' is not an encrypted column of {files[0].name}; encrypted: {', '.join(sorted(enc)) or 'none'}")
+    targets = sorted(enc if columns is None else columns)
+    for col in targets:  # authorize every column before reading any cell
+        try:
+            roles.check(role, "decrypt", col, purpose)
+        except AccessDenied:
+            if audit is not None:
+                audit.append("decrypt", role=role, purpose=purpose, domain=col, outcome="denied", count=0, detail="role policy")
+            raise
+    man_records = collect_wrapped_keys(str(base), manifest) if manifest is not None else []
+    for f in files:
+        rel = f.relative_to(base).as_posix() if base in f.parents else f.name
+        records = merge_wrapped_keys(man_records, read_parquet_wrapped_keys(str(f)))
+        table = pq.read_table(f)
+        try:
+            out = decrypt_table(table, key_service, records, columns=targets, source=rel)
+        except (IntegrityError, KeyAccessError):
+            if audit is not None:
+                for col in targets:
+                    audit.append("decrypt", role=role, purpose=purpose, domain=col, outcome="error", count=0, detail=f"file:{rel}")
+            raise
+        if audit is not None:
+            for col in targets:
+                audit.append("decrypt", role=role, purpose=purpose, domain=col, outcome="allowed", count=table.num_rows, detail=f"file:{rel}")
+        yield rel, out
+
+
+def write_private_table(table: pa.Table, dest: Path) -> None:
+    """Write a decrypted table with owner-only permissions."""
+    dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        pq.write_table(table, fh, compression="zstd")
+
+
+def _rewrite_footer(f: Path, records_json: str) -> tuple[int, str]:
+    """Rewrite Parquet file `f` with new wrapped-key metadata; cell bytes are copied, not re-encrypted."""
+    import hashlib
+
+    pf = pq.ParquetFile(f)
+    meta = dict(pf.schema_arrow.metadata or {})
+    meta[PARQUET_KEYS_METADATA.encode()] = records_json.encode()
+    schema = pf.schema_arrow.with_metadata(meta)
+    tmp = f.with_name(f.name + f".rewrap{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        with pq.ParquetWriter(fh, schema, compression="zstd") as w:
+            for i in range(pf.num_row_groups):
+                rg = pf.read_row_group(i)
+                w.write_table(rg.replace_schema_metadata(meta), row_group_size=max(1, rg.num_rows))
+    os.replace(tmp, f)
+    data = f.read_bytes()
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
+def rewrap_output(out_dir: str | Path, key_service: Any) -> dict[str, int]:
+    """Re-wrap every recorded DEK of an output under the newest KEK versions; return counts."""
+    from cloakbeam.keys.signing import sign_manifest
+
+    d = Path(out_dir)
+    man_path = d / MANIFEST_NAME
+    manifest = json.loads(man_path.read_text()) if man_path.is_file() else None
+    _, files = _files_under(d)
+    records = collect_wrapped_keys(str(d), manifest)
+    if not records:
+        raise ConfigError(f"{d} records no wrapped data keys; nothing to rewrap")
+    newest = {}
+    rewrapped: dict[str, dict[str, Any]] = {}
+    for r in records:
+        kek = r["kek"]
+        if kek not in newest:
+            newest[kek] = key_service.newest_kek_version(kek)
+        if str(r["kek_version"]) == str(newest[kek]):
+            rewrapped[r["key_id"]] = r
+        else:
+            rewrapped[r["key_id"]] = key_service.rewrap_record(r)
+    changed = sum(1 for r in records if rewrapped[r["key_id"]] is not r)
+    files_rewritten = 0
+    stats: dict[str, tuple[int, str]] = {}
+    for f in files:
+        own = read_parquet_wrapped_keys(str(f))
+        if not own:
+            continue
+        new = [rewrapped.get(r["key_id"], r) for r in own]
+        if new == own:
+            continue
+        stats[f.relative_to(d).as_posix()] = _rewrite_footer(f, json.dumps(new, sort_keys=True))
+        files_rewritten += 1
+    if manifest is not None:
+        def update(lst: Any) -> Any:
+            return [rewrapped.get(r.get("key_id"), r) for r in lst] if isinstance(lst, list) else lst
+
+        if "wrapped_keys" in manifest:
+            manifest["wrapped_keys"] = update(manifest["wrapped_keys"])
+        if isinstance(manifest.get("keys"), dict) and "wrapped_keys" in manifest["keys"]:
+            manifest["keys"]["wrapped_keys"] = update(manifest["keys"]["wrapped_keys"])
+        if isinstance(manifest.get("extra"), dict) and "wrapped_keys" in manifest["extra"]:
+            manifest["extra"]["wrapped_keys"] = update(manifest["extra"]["wrapped_keys"])
+        for e in manifest.get("outputs") or []:
+            if e.get("path") in stats:
+                e["bytes"], e["sha256"] = stats[e["path"]]
+        tmp = man_path.with_name(man_path.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, man_path)
+        sign_manifest(man_path, key_service)
+    return {"keys": len(records), "rewrapped": changed, "files": files_rewritten}
