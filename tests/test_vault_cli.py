@@ -1,0 +1,152 @@
+"""`cloakbeam vault detokenize|forget` and `cloakbeam audit verify` through the real CLI entry point."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cloakbeam.keys.service import KeyRef, ensure_local_keyring, open_key_service
+from cloakbeam.pipeline.cli import main
+from cloakbeam.tests.vault_fixtures import pg_dsn, pg_ref  # noqa: F401
+from cloakbeam.vault import Domain, TokenFormat, open_vault
+from cloakbeam.vault.audit import AuditLog, audit_key
+
+ROLES = """
+version: 1
+roles:
+  support:
+    - {action: detokenize, domains: [email], purposes: [ticket]}
+  dpo:
+    - {action: [detokenize, forget], domains: ["*"], purposes: [erasure]}
+"""
+
+
+@pytest.fixture
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    s = tmp_path / "state"
+    s.mkdir()
+    monkeypatch.setenv("CLOAKBEAM_STATE_DIR", str(s))
+    ensure_local_keyring(s / "keyring.json")
+    (s / "roles.yaml").write_text(ROLES)
+    return s
+
+
+def _vault(state: Path, ref: dict[str, Any] | None = None) -> Any:
+    ks = open_key_service(KeyRef(path=str(state / "keyring.json")))
+    return open_vault(ref or {"backend": "sqlite", "path": str(state / "vault.sqlite")}, ks)
+
+
+def _audit(state: Path) -> list[dict[str, Any]]:
+    return list(AuditLog(state / "audit.jsonl").entries())
+
+
+def test_detokenize_single_values(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    toks = _vault(state).tokenize(Domain("email", normalize="lower"), ["ann@x.org", "bob@x.org"])
+    assert main(["vault", "detokenize", "--role", "support", "--purpose", "ticket", "--domain", "email", *toks]) == 0
+    assert capsys.readouterr().out.split() == ["ann@x.org", "bob@x.org"]
+    e = _audit(state)[-1]
+    assert (e["event"], e["outcome"], e["count"], e["role"], e["purpose"]) == ("detokenize", "allowed", 2, "support", "ticket")
+    # Unknown token: exit 1 and said so, without failing the others.
+    assert main(["vault", "detokenize", "--role", "support", "--purpose", "ticket", "--domain", "email", "tok_nope"]) == 1
+    assert "not found" in capsys.readouterr().err
+    assert _audit(state)[-1]["outcome"] == "not_found"
+
+
+def test_unauthorized_detokenize_is_refused_and_audited(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tok = _vault(state).tokenize(Domain("card_number", TokenFormat("digits", keep_last=4, luhn=True), "digits"), ["4111111111111111"])[0]
+    rc = main(["vault", "detokenize", "--role", "support", "--purpose", "ticket", "--domain", "card_number", tok])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert "4111111111111111" not in captured.out + captured.err
+    assert "may not detokenize" in captured.err
+    e = _audit(state)[-1]
+    assert (e["outcome"], e["role"], e["domain"], e["subject"]) == ("denied", "support", "card_number", tok)
+    # An undefined role is refused the same way.
+    assert main(["vault", "detokenize", "--role", "intern", "--purpose", "ticket", "--domain", "email", tok]) == 1
+    assert _audit(state)[-1]["outcome"] == "denied"
+    assert main(["audit", "verify"]) == 0
+
+
+def test_audit_verify_fails_after_delete_or_edit(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tok = _vault(state).tokenize(Domain("email"), ["c@x.org"])[0]
+    for _ in range(3):
+        main(["vault", "detokenize", "--role", "support", "--purpose", "ticket", "--domain", "email", tok])
+    assert main(["audit", "verify"]) == 0
+    log = state / "audit.jsonl"
+    good = log.read_text()
+    lines = good.splitlines(keepends=True)
+    log.write_text(lines[0] + lines[2])  # delete entry 2
+    capsys.readouterr()
+    assert main(["audit", "verify"]) == 1
+    assert "entry 2" in capsys.readouterr().err
+    log.write_text(good.replace('"role":"support"', '"role":"dpo"', 1))  # edit entry 1
+    assert main(["audit", "verify"]) == 1
+    assert "entry 1 was edited" in capsys.readouterr().err
+    log.write_text(good)
+    assert main(["audit", "verify"]) == 0
+
+
+def test_forget_by_value_and_subject(state: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    v = _vault(state)
+    t1, t2 = v.tokenize(Domain("email", normalize="lower"), ["dee@x.org", "eve@x.org"], subjects=[None, "cust-9"])
+    v.close()
+    monkeypatch.setattr("sys.stdin", io.StringIO("DEE@x.org\n"))
+    # Not granted to support: refused and audited, nothing forgotten.
+    assert main(["vault", "forget", "--role", "support", "--purpose", "ticket", "--domain", "email", "--value-stdin"]) == 1
+    assert _audit(state)[-1]["outcome"] == "denied"
+    monkeypatch.setattr("sys.stdin", io.StringIO("DEE@x.org\n"))
+    assert main(["vault", "forget", "--role", "dpo", "--purpose", "erasure", "--domain", "email", "--value-stdin"]) == 0
+    assert main(["vault", "forget", "--role", "dpo", "--purpose", "erasure", "--subject", "cust-9"]) == 0
+    entries = _audit(state)
+    assert [e["outcome"] for e in entries[-2:]] == ["forgotten", "forgotten"]
+    assert entries[-2]["subject"].startswith("bidx:") and entries[-1]["subject"].startswith("subject:")
+    text = (state / "audit.jsonl").read_text()
+    assert "dee@x.org" not in text.lower() and "cust-9" not in text
+    capsys.readouterr()
+    assert main(["vault", "detokenize", "--role", "dpo", "--purpose", "erasure", "--domain", "email", t1, t2]) == 1
+    assert capsys.readouterr().err.count("forgotten") == 2
+    assert main(["audit", "verify"]) == 0
+
+
+def test_usage_errors_exit_2(state: Path) -> None:
+    assert main(["vault", "detokenize", "--role", "support", "--purpose", "ticket"]) == 2
+    assert main(["vault", "detokenize", "--role", "support", "--purpose", "ticket", "tok"]) == 2  # no domain
+    assert main(["vault", "detokenize", "--role", "support", "--purpose", "ticket", "--domain", "e", "t", "--roles", str(state / "none.yaml")]) == 2
+    assert main(["vault", "forget", "--role", "dpo", "--purpose", "erasure", "--value", "x"]) == 2  # no domain
+    assert main(["vault", "detokenize", "--role", "r", "--purpose", "p", "--domain", "e", "t", "--vault-dsn-env", "CB_UNSET_DSN_VAR"]) == 2
+
+
+def test_detokenize_parquet_column(state: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    mails = ["f@x.org", "g@x.org", None, "f@x.org"]
+    toks = _vault(state).tokenize(Domain("email", normalize="lower"), ["f@x.org", "g@x.org"])
+    col = [toks[0], toks[1], None, toks[0]]
+    meta = {b"cloakbeam.action": json.dumps({"action": "tokenize", "domain": "email"}).encode()}
+    schema = pa.schema([pa.field("id", pa.int64()), pa.field("email", pa.string(), metadata=meta)])
+    data = tmp_path / "out" / "data"
+    data.mkdir(parents=True)
+    pq.write_table(pa.table({"id": [1, 2, 3, 4], "email": col}, schema=schema), data / "part-a.parquet")
+    dest = tmp_path / "revealed"
+    # Unauthorized: nothing is written.
+    assert main(["vault", "detokenize", "--role", "support", "--purpose", "marketing", "--input", str(data), "--column", "email", "--out", str(dest)]) == 1
+    assert not dest.exists()
+    assert main(["vault", "detokenize", "--role", "support", "--purpose", "ticket", "--input", str(data), "--column", "email", "--out", str(dest)]) == 0
+    got = pq.read_table(dest / "part-a.parquet")
+    assert got.column("email").to_pylist() == mails and got.column("id").to_pylist() == [1, 2, 3, 4]
+    assert oct((dest / "part-a.parquet").stat().st_mode & 0o777) == "0o600"
+    e = _audit(state)[-1]
+    assert e["subject"] == "column:email:part-a.parquet" and e["count"] == 2 and e["outcome"] == "allowed"
+    # Never into a non-empty directory (no in-place overwrite).
+    assert main(["vault", "detokenize", "--role", "support", "--purpose", "ticket", "--input", str(data), "--column", "email", "--out", str(dest)]) == 2
+
+
+def test_detokenize_against_postgres_via_dsn_env(state: Path, pg_ref: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    tok = _vault(state, pg_ref).tokenize(Domain("email"), ["pg@x.org"])[0]
+    assert main(["vault", "detokenize", "--vault-dsn-env", "CLOAKBEAM_VAULT_DSN", "--role", "support", "--purpose", "ticket", "--domain", "email", tok]) == 0
+    assert capsys.readouterr().out.strip() == "pg@x.org"
