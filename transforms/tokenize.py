@@ -91,7 +91,7 @@ class Tokenize(Action):
         fmt = TokenFormat(
             kind=kind, prefix=o["prefix"] or "tok_", keep_last=o["keep_last"] or 0, luhn=bool(o["luhn"])
         )
-        ttl = int(o["ttl_days"] * 86400) if o["ttl_days"] else None
+        ttl = max(1, round(o["ttl_days"] * 86400)) if o["ttl_days"] else None
         self.domain = Domain(o["domain"], fmt, o["normalize"], ttl)
 
     def output_type(self) -> pa.DataType:
