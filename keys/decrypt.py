@@ -207,6 +207,39 @@ def _rewrite_footer(f: Path, records_json: str) -> tuple[int, str]:
     return len(data), hashlib.sha256(data).hexdigest()
 
 
+def _rewrap_quarantine(d: Path, key_service: Any) -> dict[str, tuple[int, str]]:
+    """Re-wrap the data keys embedded in sealed quarantine records; returns rel path -> (bytes, sha256)."""
+    import base64
+    import hashlib
+
+    from cloakbeam.keys.quarantine import rewrap_sealed
+
+    out: dict[str, tuple[int, str]] = {}
+    base = d / "quarantine"
+    if not base.is_dir():
+        return out
+    for f in sorted(base.rglob("*.jsonl")):
+        lines, changed = [], False
+        for line in f.read_bytes().splitlines():
+            if not line.strip():
+                continue
+            entry = json.loads(line)
+            blob = entry.get("record_sealed")
+            if blob:
+                new = base64.b64encode(rewrap_sealed(base64.b64decode(blob), key_service)).decode("ascii")
+                changed |= new != blob
+                entry["record_sealed"] = new
+            lines.append(json.dumps(entry, sort_keys=True).encode())
+        if not changed:
+            continue
+        data = b"".join(x + b"\n" for x in lines)
+        tmp = f.with_name(f.name + f".rewrap{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, f)
+        out[f.relative_to(d).as_posix()] = (len(data), hashlib.sha256(data).hexdigest())
+    return out
+
+
 def rewrap_output(out_dir: str | Path, key_service: Any) -> dict[str, int]:
     """Re-wrap every recorded DEK of an output under the newest KEK versions; return counts."""
     from cloakbeam.keys.signing import sign_manifest
@@ -216,7 +249,7 @@ def rewrap_output(out_dir: str | Path, key_service: Any) -> dict[str, int]:
     manifest = json.loads(man_path.read_text()) if man_path.is_file() else None
     _, files = _files_under(d)
     records = collect_wrapped_keys(str(d), manifest)
-    if not records:
+    if not records and not (d / "quarantine").is_dir():
         raise ConfigError(f"{d} records no wrapped data keys; nothing to rewrap")
     newest = {}
     rewrapped: dict[str, dict[str, Any]] = {}
@@ -240,7 +273,13 @@ def rewrap_output(out_dir: str | Path, key_service: Any) -> dict[str, int]:
             continue
         stats[f.relative_to(d).as_posix()] = _rewrite_footer(f, json.dumps(new, sort_keys=True))
         files_rewritten += 1
+    qstats = _rewrap_quarantine(d, key_service)
+    files_rewritten += len(qstats)
     if manifest is not None:
+        for e in manifest.get("quarantine") or []:
+            if e.get("path") in qstats:
+                e["bytes"], e["sha256"] = qstats[e["path"]]
+
         def update(lst: Any) -> Any:
             return [rewrapped.get(r.get("key_id"), r) for r in lst] if isinstance(lst, list) else lst
 

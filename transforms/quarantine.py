@@ -19,9 +19,15 @@ QUARANTINE_DIR = "quarantine"
 
 
 def protect_raw_record(rej: Rejected, keys: Any, dataset_id: str) -> dict[str, Any]:
-    """The stored form of a rejected record's bytes: a keyed HMAC fingerprint (lets an operator match a
-    record they already hold) — the raw bytes never reach the quarantine file in plaintext."""
-    return {"record_hmac_sha256": keys.keyed_hash("quarantine/" + dataset_id, rej.raw), "record_bytes": len(rej.raw)}
+    """The stored form of a rejected record's bytes: sealed with the envelope scheme (AES-256-GCM under a
+    KEK-wrapped data key, bound to dataset and source location; see cloakbeam.keys.quarantine) — the raw
+    bytes never reach the quarantine file in plaintext; authorized roles read them with `read_quarantine`."""
+    import base64
+
+    from cloakbeam.keys.quarantine import seal_quarantine_record
+
+    sealed = seal_quarantine_record(rej.raw, f"{rej.source}#{rej.location}", keys, dataset_id)
+    return {"record_sealed": base64.b64encode(sealed).decode("ascii"), "record_bytes": len(rej.raw)}
 
 
 def quarantine_entry(rej: Rejected, keys: Any, dataset_id: str) -> dict[str, Any]:
