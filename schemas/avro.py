@@ -122,7 +122,9 @@ def _arrow_type(t: Any, path: str, index: dict[str, FieldInfo], source: str) -> 
     if logical == "timestamp-millis" and kind == "long":
         return pa.timestamp("ms", tz="UTC"), False
     if kind == "record":
-        children = [_convert_field(f, path + ".", index, source) for f in t["fields"]]
+        # Children are nullable in Arrow: a null parent record makes every child null, which a non-nullable
+        # Arrow child cannot hold. Required-ness of children is enforced by ingest from FieldInfo.nullable.
+        children = [_convert_field(f, path + ".", index, source).with_nullable(True) for f in t["fields"]]
         return pa.struct(children), True
     if kind == "enum":
         return pa.string(), False

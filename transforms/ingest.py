@@ -263,42 +263,133 @@ def _parse_json_line(text: str) -> Any:
 
 
 def _read_text(fh: BinaryIO, source: str, schema: InputSchema, batch_size: int, parse: Callable[[str], Any] | None, header: bool) -> Iterator[pa.RecordBatch | Rejected]:
-    # Per-line Python is unavoidable for text formats: a single bad line must be located and quarantined
-    # without losing its neighbours, and json.loads / csv are C-implemented. Measured in benchmarks/bench_pipeline.py.
-    coercer = RecordCoercer(schema, text_input=parse is None)
+    """Read a text format chunk by chunk (at most batch_size lines a chunk).
+
+    Fast path: pyarrow's vectorized JSON/CSV reader parses the whole chunk against the schema, then
+    `validate_batch` checks required fields and lengths column-wise. If the chunk does not parse (a malformed
+    line, a wrong type, invalid UTF-8), that chunk alone is re-read line by line so each bad line is located
+    and quarantined without losing its neighbours. Clean input never pays for per-line Python.
+    """
+    fmt = "jsonl" if parse is not None else "csv"
+    header_line: bytes | None = None
     columns: list[str] | None = None
     lineno = 0
-    for raw in fh:
-        lineno += 1
-        if header and columns is None:
+    chunk: list[tuple[int, bytes]] = []
+    lines = iter(fh)
+    if header:
+        for raw in lines:
+            lineno += 1
             try:
                 columns = next(csv.reader([raw.decode("utf-8")]))
+                header_line = raw if raw.endswith(b"\n") else raw + b"\n"
             except (UnicodeDecodeError, csv.Error, StopIteration):
                 # Without a header no line can be mapped to fields: quarantine the whole file as one entry
                 # that counts every remaining non-empty line.
-                rest = sum(1 for line in fh if line.strip())
+                rest = sum(1 for line in lines if line.strip())
                 yield Rejected(source, f"line {lineno}", "malformed_csv_header", None, raw, records=rest)
                 return
-            continue
-        stripped = raw.strip()
-        if not stripped:
-            continue
+            break
+        if columns is None:
+            return
+    fast_ok = _fast_path_supported(schema, fmt, columns)
+    for raw in lines:
+        lineno += 1
+        if raw.strip():
+            chunk.append((lineno, raw if raw.endswith(b"\n") else raw + b"\n"))
+        if len(chunk) >= batch_size:
+            yield from _read_chunk(chunk, source, schema, fmt, parse, columns, header_line, fast_ok)
+            chunk = []
+    if chunk:
+        yield from _read_chunk(chunk, source, schema, fmt, parse, columns, header_line, fast_ok)
+
+
+def _fast_path_supported(schema: InputSchema, fmt: str, columns: list[str] | None) -> bool:
+    if fmt == "jsonl":
+        return True
+    # The CSV reader is flat: nested records (dotted column names) and lists take the line-by-line path.
+    flat = all(not (f.is_record or pa.types.is_list(f.arrow_type) or pa.types.is_binary(f.arrow_type)) for f in schema.fields.values())
+    return flat and columns is not None and len(set(columns)) == len(columns)
+
+
+def _parse_schema(schema: InputSchema) -> pa.Schema:
+    """The schema handed to pyarrow's readers: all nullable (validation is ours), dates read as strings."""
+
+    def loosen(t: pa.DataType) -> pa.DataType:
+        if pa.types.is_date(t):
+            return pa.string()
+        if pa.types.is_struct(t):
+            return pa.struct([pa.field(f.name, loosen(f.type), True) for f in t])
+        return t
+
+    return pa.schema([pa.field(f.name, loosen(f.type), True) for f in schema.arrow])
+
+
+def _fast_parse(data: bytes, schema: InputSchema, fmt: str, columns: list[str] | None) -> pa.RecordBatch:
+    import pyarrow.csv as pcsv
+    import pyarrow.json as pj
+
+    loose = _parse_schema(schema)
+    if fmt == "jsonl":
+        table = pj.read_json(
+            io.BytesIO(data),
+            read_options=pj.ReadOptions(block_size=max(1 << 20, len(data) + 1)),
+            parse_options=pj.ParseOptions(explicit_schema=loose, unexpected_field_behavior="ignore"),
+        )
+    else:
+        types = {f.name: f.type for f in loose if f.name in (columns or [])}
+        table = pcsv.read_csv(
+            io.BytesIO(data),
+            read_options=pcsv.ReadOptions(block_size=max(1 << 20, len(data) + 1)),
+            parse_options=pcsv.ParseOptions(newlines_in_values=False),
+            convert_options=pcsv.ConvertOptions(
+                column_types=types, strings_can_be_null=True, null_values=[""], true_values=["true", "1"], false_values=["false", "0"],
+                include_columns=[c for c in (columns or []) if c in types],
+            ),
+        )
+    cols = []
+    for f in schema.arrow:
+        col = table.column(f.name).combine_chunks() if f.name in table.schema.names else pa.nulls(table.num_rows, loose.field(f.name).type)
+        cols.append(col.cast(_with_nullable(f.type)) if col.type != f.type else col)
+    return pa.RecordBatch.from_arrays(cols, schema=pa.schema([f.with_nullable(True) for f in schema.arrow]))
+
+
+def _with_nullable(t: pa.DataType) -> pa.DataType:
+    if pa.types.is_struct(t):
+        return pa.struct([pa.field(f.name, _with_nullable(f.type), True) for f in t])
+    return t
+
+
+def _read_chunk(
+    chunk: list[tuple[int, bytes]], source: str, schema: InputSchema, fmt: str, parse: Callable[[str], Any] | None,
+    columns: list[str] | None, header_line: bytes | None, fast_ok: bool,
+) -> Iterator[pa.RecordBatch | Rejected]:
+    if fast_ok:
+        data = (header_line or b"") + b"".join(raw for _, raw in chunk)
         try:
-            text = stripped.decode("utf-8")
+            # pyarrow's JSON reader does not reject every invalid UTF-8 sequence inside strings; one
+            # C-speed decode of the chunk does, and sends the chunk to the line-by-line path.
+            data.decode("utf-8")
+            batch = _fast_parse(data, schema, fmt, columns)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, UnicodeDecodeError, KeyError):
+            batch = None
+        if batch is not None and batch.num_rows == len(chunk):
+            good, rejected = validate_batch(batch, schema, source, 0, lines=[n for n, _ in chunk], raws=[r for _, r in chunk])
+            yield from rejected
+            if good.num_rows:
+                yield good
+            return
+    coercer = RecordCoercer(schema, text_input=parse is None)
+    for n, raw in chunk:
+        try:
+            text = raw.strip().decode("utf-8")
         except UnicodeDecodeError:
-            yield Rejected(source, f"line {lineno}", "invalid_utf8", None, raw)
+            yield Rejected(source, f"line {n}", "invalid_utf8", None, raw)
             continue
         try:
-            if parse is not None:
-                record = parse(text)
-            else:
-                record = _parse_csv_line(text, columns or [])
+            record = parse(text) if parse is not None else _parse_csv_line(text, columns or [])
             coercer.rows.append(coercer.coerce(record))
         except _Invalid as bad:
-            yield Rejected(source, f"line {lineno}", bad.reason, bad.field, raw)
-            continue
-        if len(coercer.rows) >= batch_size:
-            yield coercer.flush()
+            yield Rejected(source, f"line {n}", bad.reason, bad.field, raw)
     if coercer.rows:
         yield coercer.flush()
 
@@ -417,61 +508,68 @@ def _read_parquet(fh: BinaryIO, source: str, schema: InputSchema, batch_size: in
         offset += batch.num_rows
 
 
-def validate_batch(batch: pa.RecordBatch, schema: InputSchema, source: str, row_offset: int) -> tuple[pa.RecordBatch, list[Rejected]]:
-    """Column-wise validation of an already-typed batch (Parquet): cast, required, max length."""
+def validate_batch(
+    batch: pa.RecordBatch, schema: InputSchema, source: str, row_offset: int,
+    lines: list[int] | None = None, raws: list[bytes] | None = None,
+) -> tuple[pa.RecordBatch, list[Rejected]]:
+    """Column-wise validation of an already-typed batch: cast, required fields, string lengths (nested too).
+
+    Rejected rows are located as "row N" (row_offset + index) or, when `lines` is given, as "line N"; their
+    raw bytes come from `raws` when given, else from the row itself. The first failing check names the field.
+    """
     n = batch.num_rows
-    bad_reason = np.full(n, None, dtype=object)
+    code = np.full(n, -1, dtype=np.int32)  # index into `reasons` of the first problem found in each row
+    reasons: list[tuple[str, str]] = []
+
+    def mark(mask: np.ndarray, reason: str, field: str) -> None:
+        hit = mask & (code < 0)
+        if hit.any():
+            code[hit] = len(reasons)
+            reasons.append((reason, field))
+
     columns = []
     for f in schema.arrow:
-        info = schema.fields[f.name]
         if f.name not in batch.schema.names:
-            col = pa.nulls(n, f.type)
+            col = pa.nulls(n, _with_nullable(f.type))
         else:
             col = batch.column(f.name)
-            if col.type != f.type:
+            if col.type != f.type and col.type != _with_nullable(f.type):
                 try:
-                    col = col.cast(f.type)
+                    col = col.cast(_with_nullable(f.type))
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                    _mark(bad_reason, np.ones(n, dtype=bool), ("wrong_type", f.name))
-                    col = pa.nulls(n, f.type)
-        if not info.nullable:
-            _mark(bad_reason, pc.is_null(col).to_numpy(zero_copy_only=False), ("missing_required", f.name))
-        for path, leaf_info in schema.fields.items():
-            if (path == f.name or path.startswith(f.name + ".")) and leaf_info.max_length is not None and pa.types.is_string(leaf_info.arrow_type):
-                leaf = _leaf(col, path.split(".")[1:])
-                too_long = pc.fill_null(pc.greater(pc.utf8_length(leaf), leaf_info.max_length), False)
-                _mark(bad_reason, too_long.to_numpy(zero_copy_only=False), ("oversize", path))
+                    mark(np.ones(n, dtype=bool), "wrong_type", f.name)
+                    col = pa.nulls(n, _with_nullable(f.type))
         columns.append(col)
-    table = pa.RecordBatch.from_arrays(columns, schema=schema.arrow) if _nullable_ok(columns, schema) else pa.RecordBatch.from_arrays(columns, schema=_loose(schema.arrow))
-    bad = np.array([r is not None for r in bad_reason], dtype=bool)
+        # Required fields at every depth: a child is required only where its parent record is present.
+        for path, info in schema.fields.items():
+            if path != f.name and not path.startswith(f.name + "."):
+                continue
+            parts = path.split(".")[1:]
+            leaf = _leaf(col, parts)
+            if not info.nullable:
+                missing = pc.is_null(leaf)
+                if parts:
+                    parent = _leaf(col, parts[:-1])
+                    missing = pc.and_(missing, pc.is_valid(parent))
+                mark(missing.to_numpy(zero_copy_only=False), "missing_required", path)
+            if info.max_length is not None and pa.types.is_string(info.arrow_type):
+                too_long = pc.fill_null(pc.greater(pc.utf8_length(leaf), info.max_length), False)
+                mark(too_long.to_numpy(zero_copy_only=False), "oversize", path)
+    loose = pa.RecordBatch.from_arrays(columns, schema=pa.schema([f.with_nullable(True) for f in schema.arrow]))
+    bad = code >= 0
     rejected = []
     if bad.any():
         bad_rows = np.flatnonzero(bad)
-        raw_rows = batch.take(pa.array(bad_rows)).to_pylist()
+        raw_rows = [raws[i] for i in bad_rows] if raws is not None else [json.dumps(r, default=str).encode() for r in loose.take(pa.array(bad_rows)).to_pylist()]
         for i, raw in zip(bad_rows.tolist(), raw_rows):
-            reason, field = bad_reason[i]
-            rejected.append(Rejected(source, f"row {row_offset + i}", reason, field, json.dumps(raw, default=str).encode()))
-    good = table.filter(pa.array(~bad))
-    if good.schema != schema.arrow:
-        good = good.cast(schema.arrow)
-    return good, rejected
-
-
-def _mark(reasons: np.ndarray, mask: np.ndarray, reason: tuple[str, str]) -> None:
-    empty = np.array([r is None for r in reasons], dtype=bool)
-    for i in np.flatnonzero(mask & empty):
-        reasons[i] = reason
+            reason, field = reasons[code[i]]
+            where = f"line {lines[i]}" if lines is not None else f"row {row_offset + i}"
+            rejected.append(Rejected(source, where, reason, field, raw))
+        loose = loose.filter(pa.array(~bad))
+    return loose.cast(schema.arrow), rejected
 
 
 def _leaf(col: pa.Array, parts: list[str]) -> pa.Array:
     for p in parts:
         col = pc.struct_field(col, p)
     return col
-
-
-def _nullable_ok(columns: list[pa.Array], schema: InputSchema) -> bool:
-    return all(f.nullable or c.null_count == 0 for f, c in zip(schema.arrow, columns))
-
-
-def _loose(schema: pa.Schema) -> pa.Schema:
-    return pa.schema([f.with_nullable(True) for f in schema])
