@@ -51,9 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _DropBeamImportNoise(logging.Filter):
+    """Beam logs "apitools not found" through the root logger when imported without the GCP extras."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("apitools not found")
+
+
 def configure_logging(verbose: bool) -> None:
-    # Beam logs "apitools not found" through the root logger at import; force our own configuration.
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropBeamImportNoise())
     for noisy in ("apache_beam", "distributed", "urllib3", "botocore"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
 
@@ -65,10 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--" in argv:
         i = argv.index("--")
         argv, beam_args = argv[:i], argv[i + 1 :]
+    # Logging first: command modules import Beam, which logs at import time.
+    configure_logging("-v" in argv or "--verbose" in argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     args.beam_args = beam_args
-    configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
