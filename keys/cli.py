@@ -157,7 +157,8 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
         r = rewrap_output(args.output, ks)
     finally:
         ks.close()
-    print(f"rewrapped {r['rewrapped']} of {r['keys']} data keys; rewrote the key metadata of {r['files']} file(s); manifest re-signed")
+    note = f"; {r['skipped']} Parquet-encrypted file(s) keep their old footer (the manifest has the new records)" if r.get("skipped") else ""
+    print(f"rewrapped {r['rewrapped']} of {r['keys']} data keys; rewrote the key metadata of {r['files']} file(s); manifest re-signed{note}")
     return 0
 
 

@@ -165,7 +165,7 @@ def decrypt_output(
     for f in files:
         rel = f.relative_to(base).as_posix() if base in f.parents else f.name
         records = merge_wrapped_keys(man_records, read_parquet_wrapped_keys(str(f)))
-        table = pq.read_table(f)
+        table = _read_table(f, key_service)
         try:
             out = decrypt_table(table, key_service, records, columns=targets, source=rel)
         except (IntegrityError, KeyAccessError):
@@ -177,6 +177,16 @@ def decrypt_output(
             for col in targets:
                 audit.append("decrypt", role=role, purpose=purpose, domain=col, outcome="allowed", count=table.num_rows, detail=f"file:{rel}")
         yield rel, out
+
+
+def _read_table(f: Path, key_service: Any) -> pa.Table:
+    """Read a Parquet file, with Parquet-modular-encryption decryption properties when it needs them."""
+    try:
+        return pq.read_table(f)
+    except OSError:
+        from cloakbeam.keys.parquet_encryption import reader_kwargs
+
+        return pq.read_table(f, **reader_kwargs(key_service))
 
 
 def write_private_table(table: pa.Table, dest: Path) -> None:
@@ -263,6 +273,7 @@ def rewrap_output(out_dir: str | Path, key_service: Any) -> dict[str, int]:
             rewrapped[r["key_id"]] = key_service.rewrap_record(r)
     changed = sum(1 for r in records if rewrapped[r["key_id"]] is not r)
     files_rewritten = 0
+    skipped = 0
     stats: dict[str, tuple[int, str]] = {}
     for f in files:
         own = read_parquet_wrapped_keys(str(f))
@@ -271,7 +282,13 @@ def rewrap_output(out_dir: str | Path, key_service: Any) -> dict[str, int]:
         new = [rewrapped.get(r["key_id"], r) for r in own]
         if new == own:
             continue
-        stats[f.relative_to(d).as_posix()] = _rewrite_footer(f, json.dumps(new, sort_keys=True))
+        try:
+            stats[f.relative_to(d).as_posix()] = _rewrite_footer(f, json.dumps(new, sort_keys=True))
+        except OSError:
+            # Parquet-modular-encrypted file: its footer cannot be rewritten without re-encrypting the
+            # columns; the manifest (updated below) carries the rewrapped records for it.
+            skipped += 1
+            continue
         files_rewritten += 1
     qstats = _rewrap_quarantine(d, key_service)
     files_rewritten += len(qstats)
@@ -296,4 +313,4 @@ def rewrap_output(out_dir: str | Path, key_service: Any) -> dict[str, int]:
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, man_path)
         sign_manifest(man_path, key_service)
-    return {"keys": len(records), "rewrapped": changed, "files": files_rewritten}
+    return {"keys": len(records), "rewrapped": changed, "files": files_rewritten, "skipped": skipped}

@@ -321,6 +321,17 @@ class KeyService:
     def list_keys(self) -> list[dict[str, Any]]:
         return self._provider.list_keys()
 
+    def wrap_with_kek(self, kek: str, plaintext: bytes, aad: bytes) -> tuple[str, bytes]:
+        """Wrap key bytes under the newest version of KEK `kek` (Parquet modular encryption's KmsClient)."""
+        with self._state.lock:
+            self._state.kms_calls += 1
+        return self._provider.wrap(kek, plaintext, aad)
+
+    def unwrap_with_kek(self, kek: str, version: str, wrapped: bytes, aad: bytes) -> bytes:
+        with self._state.lock:
+            self._state.kms_calls += 1
+        return self._provider.unwrap(kek, version, wrapped, aad)
+
     def newest_kek_version(self, kek: str = DEFAULT_KEK) -> str:
         """The version new data keys are wrapped under (what `rewrap` moves old records to)."""
         return self._provider.primary_version(kek)

@@ -110,6 +110,15 @@ def _row_count(path: Path) -> int | None:
     return None
 
 
+def _tail(path: Path) -> bytes:
+    with path.open("rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        if fh.tell() < 4:
+            return b""
+        fh.seek(-4, os.SEEK_END)
+        return fh.read(4)
+
+
 def verify_signature(out_dir: str | Path, public_key: bytes | None = None) -> list[str]:
     """Problems with OUT/manifest.json's signature (empty when it verifies, against `public_key` if given)."""
     d = Path(out_dir)
@@ -166,7 +175,8 @@ def verify_output(out_dir: str | Path, public_key: bytes | None = None) -> list[
         if size != e.get("bytes"):
             problems.append(f"{rel}: size is {size} bytes, the manifest says {e.get('bytes')}")
         rows = _row_count(f)
-        if rows is None and not changed and f.suffix in (".parquet", ".jsonl"):
+        encrypted_footer = f.suffix == ".parquet" and _tail(f) == b"PARE"  # Parquet modular encryption
+        if rows is None and not changed and not encrypted_footer and f.suffix in (".parquet", ".jsonl"):
             problems.append(f"{rel}: cannot be read to count rows")
         elif rows is not None and rows != e.get("rows"):
             problems.append(f"{rel}: holds {rows} rows, the manifest says {e.get('rows')}")
