@@ -169,7 +169,7 @@ def _validate_phone(cands: pa.Array) -> np.ndarray:
         zero_copy_only=False
     )
     ok = (ndig >= 7) & (ndig <= 15)
-    values = cands.to_pylist()
+    values = pc.replace_substring_regex(cands, r"^00", "+").to_pylist()  # 00 = international prefix, like +
     for i in np.flatnonzero(ok):
         try:
             num = phonenumbers.parse(values[i], "US")
@@ -193,10 +193,10 @@ _GENDER_VALUES = [
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _IPV4 = rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}"
 _H = r"[0-9A-Fa-f]{1,4}"
-_IPV6 = (
-    rf"(?:(?:{_H}:){{7}}{_H}|(?:{_H}:){{1,7}}:|(?:{_H}:){{1,6}}:{_H}|(?:{_H}:){{1,5}}(?::{_H}){{1,2}}"
+_IPV6 = (  # forms with an embedded IPv4 first: alternation is leftmost-first in both RE2 and re
+    rf"(?:::(?:[Ff]{{4}}(?::0{{1,4}})?:)?{_IPV4}|(?:{_H}:){{1,4}}:{_IPV4}|(?:{_H}:){{7}}{_H}|(?:{_H}:){{1,7}}:|(?:{_H}:){{1,6}}:{_H}|(?:{_H}:){{1,5}}(?::{_H}){{1,2}}"
     rf"|(?:{_H}:){{1,4}}(?::{_H}){{1,3}}|(?:{_H}:){{1,3}}(?::{_H}){{1,4}}|(?:{_H}:){{1,2}}(?::{_H}){{1,5}}"
-    rf"|{_H}:(?::{_H}){{1,6}}|:(?:(?::{_H}){{1,7}}|:)|::(?:[Ff]{{4}}(?::0{{1,4}})?:)?{_IPV4}|(?:{_H}:){{1,4}}:{_IPV4})"
+    rf"|{_H}:(?::{_H}){{1,6}}|:(?:(?::{_H}){{1,7}}|:))"
 )
 _EDGE = r"(?:^|[^0-9A-Za-z_+.:-])"  # what may precede a candidate
 _EDGE_END = r"(?:$|[^0-9A-Za-z_:])"
@@ -221,7 +221,7 @@ DETECTORS: dict[str, Detector] = {
         Detector(
             "PHONE",
             "PHONE",
-            r"(?:^|[^0-9A-Za-z_+(.-])(?P<m>(?:\+[0-9]{1,3}[ .-]?|00[0-9]{1,3}[ .-]?)?(?:\([0-9]{3}\) ?|[0-9]{3}[ .-]?)"
+            r"(?:^|[^0-9A-Za-z_+.-])(?P<m>(?:\+[0-9]{1,3}[ .-]?|00[0-9]{1,3}[ .-]?)?(?:\([0-9]{3}\) ?|[0-9]{3}[ .-]?)"
             r"[0-9]{3}[ .-]?[0-9]{4}(?: ?(?:x|ext\.? ?)[0-9]{1,6})?)(?:$|[^0-9A-Za-z_])",
             _validate_phone,
             per_value=True,
