@@ -138,15 +138,16 @@ def encrypt_column(arr: pa.Array | pa.ChunkedArray, key, *, dataset: str, column
     cell_start = out_offsets[:-1][idx]
     key_id = key.key_id
     aad = cell_aad(version, key_id, dataset, column)
-    # Headers by numpy scatter: version byte and key id at the start of every cell.
-    out[cell_start] = version
-    out[cell_start[:, None] + np.arange(1, 1 + KEY_ID_LEN)] = np.frombuffer(key_id, dtype=np.uint8)
-    if key.deterministic:
-        _siv_encrypt_loop(key.aead, aad, data, start[idx], end[idx], out, cell_start)
-    else:
-        nonces = np.frombuffer(os.urandom(NONCE_LEN * len(idx)), dtype=np.uint8).reshape(-1, NONCE_LEN)
-        out[cell_start[:, None] + np.arange(1 + KEY_ID_LEN, GCM_HEADER)] = nonces
-        _gcm_encrypt_loop(key.aead, aad, data, start[idx], end[idx], out, cell_start)
+    # Headers by one numpy scatter: version byte, key id and (random mode) nonce at the start of every cell.
+    hlen = 1 + KEY_ID_LEN if key.deterministic else GCM_HEADER
+    header = np.empty((len(idx), hlen), dtype=np.uint8)
+    header[:, 0] = version
+    header[:, 1 : 1 + KEY_ID_LEN] = np.frombuffer(key_id, dtype=np.uint8)
+    if not key.deterministic:
+        header[:, 1 + KEY_ID_LEN :] = np.frombuffer(os.urandom(NONCE_LEN * len(idx)), dtype=np.uint8).reshape(-1, NONCE_LEN)
+    out[cell_start[:, None] + np.arange(hlen)] = header
+    loop = _siv_encrypt_loop if key.deterministic else _gcm_encrypt_loop
+    loop(key.aead, aad, data, start[idx], end[idx], out, cell_start)
     return pa.Array.from_buffers(
         pa.binary(),
         n,
@@ -256,13 +257,20 @@ def decrypt_column(
         # Group cells by (version, key id) with numpy, then run one tight loop per group.
         cstart = start[idx]
         kids = buf[cstart[:, None] + np.arange(1, 1 + KEY_ID_LEN)]
-        groups = np.concatenate([versions[:, None], kids], axis=1)
-        uniq, inverse = np.unique(groups, axis=0, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        for g, row in enumerate(uniq):
-            v, kid = int(row[0]), bytes(row[1:].tobytes())
-            sel = np.flatnonzero(inverse == g)
-            rows = idx[sel]
+        # 1-D unique over (key id as uint64, version): fast even for millions of cells.
+        kid64 = np.ascontiguousarray(kids).view(np.uint64).ravel()
+        groups: list[tuple[int, bytes, np.ndarray]] = []
+        if (kid64 == kid64[0]).all() and (versions == versions[0]).all():
+            groups.append((int(versions[0]), kids[0].tobytes(), idx))
+        else:
+            uk, inv = np.unique(kid64, return_inverse=True)
+            inv = inv.reshape(-1)
+            for g in range(len(uk)):
+                sel = np.flatnonzero(inv == g)
+                for v in np.unique(versions[sel]).tolist():
+                    sub = sel[versions[sel] == v]
+                    groups.append((int(v), kids[sub[0]].tobytes(), idx[sub]))
+        for v, kid, rows in groups:
             key = lookup(kid)
             if key is None:
                 raise KeyAccessError(
