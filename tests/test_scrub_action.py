@@ -1,0 +1,123 @@
+"""The `scrub` action: detector and linked-value spans replaced through presidio; placeholders and pseudonyms;
+counts; nulls; determinism; configuration."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from cloakbeam.errors import PolicyError
+from cloakbeam.tests.classify_fixtures import make_action, make_ctx
+from cloakbeam.transforms.pseudonymize import SurrogateGenerator, pseudonym_key
+
+CASES = [
+    ("mail me at jane.roe@example.org today", "mail me at <EMAIL> today", {"EMAIL": 1}),
+    ("SSN 219-09-9999, not 000-12-3456", "SSN <US_SSN>, not 000-12-3456", {"US_SSN": 1}),
+    ("card 4111 1111 1111 1111 / 4111 1111 1111 1112", "card <CREDIT_CARD> / 4111 1111 1111 1112", {"CREDIT_CARD": 1}),
+    ("call +1 (212) 555-0143 or 212.555.0199x12.", "call <PHONE> or <PHONE>.", {"PHONE": 2}),
+    ("from 10.1.2.3 and 2001:db8::7", "from <IP_ADDRESS> and <IP_ADDRESS>", {"IP_ADDRESS": 2}),
+    ("nothing personal here", "nothing personal here", {}),
+    ("", "", {}),
+]
+
+
+@pytest.mark.parametrize("text,expected,counts", CASES)
+def test_detector_spans_become_typed_placeholders(text, expected, counts, tmp_path):
+    ctx = make_ctx(tmp_path / "k.json")
+    out = make_action("scrub", "notes").apply(pa.array([text, None]), {}, ctx)
+    assert out.to_pylist() == [expected, None]
+    got = {k.split(".")[-1]: v for k, v in ctx.stats.items() if k.startswith("scrub.notes.") and not k.endswith("rows_changed")}
+    assert got == counts
+
+
+def _record():
+    return {
+        "full_name": pa.array(["Dana Whitfield", "Li Na", None]),
+        "email": pa.array(["dana.w@corp.example", None, "x@y.example"]),
+        "phone": pa.array(["+1 (646) 555-0110", None, None]),
+        "ssn": pa.array(["123-45-6789", None, None]),
+    }
+
+
+NOTES = pa.array(
+    [
+        "Customer Dana Whitfield called; Ms. whitfield prefers DANA.W@corp.example, +1 (646) 555-0110, SSN 123-45-6789.",
+        "Li Na asked about Nairobi.",  # 'Na' is too short to be a name part on its own; the full name is a span
+        "No linked values, but x@y.example is the email.",
+    ]
+)
+
+
+def test_linked_values_are_replaced_including_name_parts_and_case_variants(tmp_path):
+    ctx = make_ctx(tmp_path / "k.json")
+    action = make_action("scrub", "notes", link=["full_name", "email", "phone", "ssn"])
+    out = action.apply(NOTES, _record(), ctx).to_pylist()
+    assert out[0] == "Customer <PERSON_NAME> called; Ms. <PERSON_NAME> prefers <EMAIL>, <PHONE>, SSN <US_SSN>."
+    assert out[1] == "<PERSON_NAME> asked about Nairobi."
+    assert out[2] == "No linked values, but <EMAIL> is the email."
+    assert ctx.stats["scrub.notes.PERSON_NAME"] == 3
+    assert ctx.stats["scrub.notes.rows_changed"] == 3
+
+
+def test_pseudonym_mode_is_consistent_with_the_pseudonymize_action(tmp_path):
+    ctx = make_ctx(tmp_path / "k.json")
+    rec = _record()
+    out = make_action("scrub", "notes", link=["full_name", "email", "phone", "ssn"], mode="pseudonym").apply(NOTES, rec, ctx).to_pylist()
+    name = make_action("pseudonymize", "full_name", declared="PERSON_NAME").apply(rec["full_name"], {}, ctx)[0].as_py()
+    email = SurrogateGenerator("email").one(pseudonym_key(ctx, "email"), "dana.w@corp.example")
+    assert out[0].startswith(f"Customer {name} called; Ms. ")
+    assert email in out[0]
+    assert "<US_SSN>" in out[0]  # no realistic SSN surrogates: placeholder
+    for raw in ("Dana", "Whitfield", "whitfield", "dana.w@corp.example", "646", "123-45-6789"):
+        assert raw.lower() not in out[0].lower()
+
+
+def test_scrub_is_deterministic_across_workers(tmp_path):
+    rec = _record()
+    a = make_action("scrub", "notes", link=["full_name"], mode="pseudonym").apply(NOTES, rec, make_ctx(tmp_path / "k.json"))
+    b = make_action("scrub", "notes", link=["full_name"], mode="pseudonym").apply(NOTES, rec, make_ctx(tmp_path / "k.json"))
+    assert a.equals(b)
+
+
+def test_unchanged_batch_is_returned_as_is_and_counts_nothing(tmp_path):
+    ctx = make_ctx(tmp_path / "k.json")
+    col = pa.array(["plain text", None])
+    out = make_action("scrub", "notes").apply(col, {}, ctx)
+    assert out.to_pylist() == col.to_pylist() and not ctx.stats
+
+
+def test_detectors_subset(tmp_path):
+    ctx = make_ctx(tmp_path / "k.json")
+    out = make_action("scrub", "notes", detectors=["EMAIL"]).apply(pa.array(["a@b.example 219-09-9999"]), {}, ctx)
+    assert out.to_pylist() == ["<EMAIL> 219-09-9999"]
+
+
+def test_declared_classes_of_linked_fields_name_the_spans(customers_schema):
+    from cloakbeam.pipeline.policy import compile_policy
+
+    fields = {"notes": {"action": "scrub", "link": ["internal_ref"]}}
+    policy = compile_policy({"version": 1, "dataset": "t", "fields": fields}, customers_schema)
+    assert policy.actions["notes"]._link_types == {"internal_ref": "IDENTIFIER"}
+
+
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        ({"mode": "shout"}, "must be one of"),
+        ({"detectors": ["ZIP"]}, "unknown or non-text detector 'ZIP'"),
+        ({"detectors": ["POSTAL_CODE"]}, "non-text detector"),
+        ({"link": "full_name"}, "must be of type list"),
+        ({"link": [""]}, "must be a list of field paths"),
+        ({"link": ["notes"]}, "cannot link the field to itself"),
+    ],
+)
+def test_bad_configuration_fails_at_construction(params, message):
+    with pytest.raises(PolicyError, match=message):
+        make_action("scrub", "notes", **params)
+
+
+def test_linked_field_must_exist(customers_schema):
+    from cloakbeam.pipeline.policy import compile_policy
+
+    with pytest.raises(PolicyError, match="refers to 'fullname', which is not a leaf field"):
+        compile_policy({"version": 1, "dataset": "t", "fields": {"notes": {"action": "scrub", "link": ["fullname"]}}}, customers_schema)
