@@ -219,6 +219,7 @@ class Lattice:
             self._sens = np.zeros(n_rows, np.int64)
             self._n_sens = 1
         self._cache: dict[tuple[int, ...], NodeResult] = {}
+        self._row_code_cache: dict[tuple[int, int], np.ndarray] = {}
         self.evaluations = 0
 
     # -- geometry ---------------------------------------------------------------------------------------
@@ -241,17 +242,26 @@ class Lattice:
         return round(sum(self.level_loss[i][lv] for i, lv in enumerate(node)) / len(node), 12)
 
     # -- evaluation -------------------------------------------------------------------------------------
+    def _row_codes(self, i: int, level: int) -> np.ndarray:
+        hit = self._row_code_cache.get((i, level))
+        if hit is None:
+            hit = self._codes[i][level][self._idx[i]]
+            self._row_code_cache[(i, level)] = hit
+        return hit
+
     def classes(self, node: Sequence[int]) -> tuple[np.ndarray, int]:
         """Class id per frequency-set row and the number of classes at `node`."""
         key = np.zeros(self.rows, np.int64)
         kcard = 1
-        for i, level in enumerate(node):
+        # Finest QIs last, so the key is compressed as late (and as rarely) as possible.
+        for i in sorted(range(len(node)), key=lambda j: self._cards[j][node[j]]):
+            level = node[i]
             card = self._cards[i][level]
             if card == 1:
                 continue
             if kcard * card >= 2**62:
                 key, kcard = _compress(key)
-            key = key * card + self._codes[i][level][self._idx[i]]
+            key = key * card + self._row_codes(i, level)
             kcard *= card
         if kcard <= max(4 * self.rows, 1 << 16):
             return key, kcard
@@ -331,12 +341,17 @@ def _fail_message(lat: Lattice) -> str:
 def search(lat: Lattice) -> SearchResult:
     """Find the satisfying node of least loss (ties: fewer suppressed, then lowest levels).
 
-    Best-first in loss order from the bottom. A node below a known failing node fails without evaluation
-    (monotonicity: generalizing merges classes, so suppression only falls going up). When a node fails, a
-    Flash-style binary search along a greedy path to the top finds a high failing node (pruning everything
-    below it) and a satisfying node (an upper bound on the optimum's loss). Because the loss never decreases
-    going up, no node above the first satisfying node popped can be better, so the search stops there.
-    Raises AnonymityTargetError when even the top node fails.
+    Depth-first branch and bound over the QIs, one QI's level at a time, with the QIs not yet assigned held at
+    their top level ('*'). Pruning uses monotonicity twice:
+      * feasibility: generalizing only merges classes, so suppression never rises going up the lattice. If a
+        partial assignment fails with every unassigned QI fully generalized, every completion fails too, and
+        for the QI being assigned only levels at or above the lowest feasible one need exploring (found by
+        scanning up; the levels above it are known to satisfy without evaluation);
+      * bound: the loss is a sum of per-QI terms that never decrease with the level, so a branch whose assigned
+        loss plus a lower bound for the unassigned QIs (each QI's own lowest feasible level with all others at
+        the top) cannot beat the incumbent is cut.
+    Every node evaluated on the way is a complete node (unassigned QIs at '*') and a candidate; the first
+    descent is greedy, so a good incumbent exists early. Raises AnonymityTargetError when even the top fails.
     """
     t0 = time.perf_counter()
     if lat.N == 0 or not lat.tops:
@@ -345,66 +360,79 @@ def search(lat: Lattice) -> SearchResult:
     top = lat.evaluate(lat.top)
     if not top.satisfied:
         raise AnonymityTargetError(_fail_message(lat))
-
-    failing: list[np.ndarray] = []
-    failing_arr = np.zeros((0, len(lat.tops)), np.int64)
-    best: NodeResult = top
+    q = len(lat.tops)
+    best = top
 
     def rank(r: NodeResult) -> tuple[float, int, tuple[int, ...]]:
         return (r.loss, r.suppressed, r.node)
 
-    def known_failing(node: tuple[int, ...]) -> bool:
-        return bool(failing_arr.shape[0]) and bool(np.any(np.all(failing_arr >= np.asarray(node), axis=1)))
+    sat_min: list[tuple[int, ...]] = []  # satisfying nodes: everything above them satisfies
+    fail_max: list[tuple[int, ...]] = []  # failing nodes: everything below them fails
+    arrays = {"sat": np.zeros((0, q), np.int64), "fail": np.zeros((0, q), np.int64)}
 
     def sat(node: tuple[int, ...]) -> bool:
+        """Evaluate a complete candidate exactly and keep the best."""
         nonlocal best
-        if known_failing(node):
-            return False
         r = lat.evaluate(node)
         if r.satisfied and rank(r) < rank(best):
             best = r
+        (sat_min if r.satisfied else fail_max).append(node)
         return r.satisfied
 
-    def greedy_path(node: tuple[int, ...]) -> list[tuple[int, ...]]:
-        path = [node]
-        cur = list(node)
-        while tuple(cur) != lat.top:
-            options = [(lat.level_loss[i][cur[i] + 1] - lat.level_loss[i][cur[i]], i)
-                       for i in range(len(cur)) if cur[i] < lat.tops[i]]
-            _, i = min(options)
-            cur[i] += 1
-            path.append(tuple(cur))
-        return path
+    def feasible(node: tuple[int, ...]) -> bool:
+        """Satisfaction only: answered from known nodes by monotonicity when possible, else evaluated."""
+        for name, nodes in (("sat", sat_min), ("fail", fail_max)):
+            if len(nodes) != arrays[name].shape[0]:
+                arrays[name] = np.asarray(nodes, np.int64).reshape(-1, q)
+        v = np.asarray(node, np.int64)
+        if arrays["sat"].shape[0] and np.any(np.all(arrays["sat"] <= v, axis=1)):
+            return True
+        if arrays["fail"].shape[0] and np.any(np.all(arrays["fail"] >= v, axis=1)):
+            return False
+        return sat(node)
 
-    heap: list[tuple[float, tuple[int, ...]]] = [(lat.loss(lat.bottom), lat.bottom)]
-    seen = {lat.bottom}
-    popped = 0
-    while heap:
-        loss, node = heapq.heappop(heap)
-        popped += 1
-        if loss > best.loss:
-            break  # every node still queued (and every node above them) has a larger loss
-        if not known_failing(node) and not sat(node):
-            # `node` fails: binary search on a greedy path to the top for a high failing node to prune with
-            # (and, on the way, satisfying nodes that tighten the bound).
-            path = greedy_path(node)
-            lo, hi = 0, len(path) - 1  # path[lo] fails, path[hi] (the top) satisfies
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if sat(path[mid]):
-                    hi = mid
-                else:
-                    lo = mid
-            failing.append(np.asarray(path[lo], np.int64))
-            failing_arr = np.vstack(failing)
-        # Expand every popped node (satisfying ones too, so equal-loss ties above them are still compared).
-        for i in range(len(node)):
-            if node[i] < lat.tops[i]:
-                succ = node[:i] + (node[i] + 1,) + node[i + 1:]
-                if succ not in seen:
-                    seen.add(succ)
-                    heapq.heappush(heap, (lat.loss(succ), succ))
-    return SearchResult(best.node, best.suppressed, best.loss, lat.evaluations, popped, time.perf_counter() - t0)
+    def lowest_feasible(node: list[int], i: int) -> int:
+        """Lowest level of QI i such that `node` with that level satisfies (binary search; top always does)."""
+        lo, hi = -1, lat.tops[i]  # level lo fails (or none), level hi satisfies
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            trial = list(node)
+            trial[i] = mid
+            if feasible(tuple(trial)):
+                hi = mid
+            else:
+                lo = mid
+        return hi
+
+    # Per-QI lower bounds: the lowest feasible level of each QI with every other QI at the top.
+    qloss = [[lv / q for lv in row] for row in lat.level_loss]  # per-QI contribution to the mean
+    floor = [lowest_feasible(list(lat.tops), i) for i in range(q)]
+    order = sorted(range(q), key=lambda i: -qloss[i][floor[i]])  # most constrained QIs first
+    rest_lb = [0.0] * (q + 1)
+    for d in range(q - 1, -1, -1):
+        rest_lb[d] = rest_lb[d + 1] + qloss[order[d]][floor[order[d]]]
+    visited = 0
+    eps = 1e-12
+
+    def dfs(depth: int, node: list[int], assigned: float) -> None:
+        nonlocal visited
+        visited += 1
+        i = order[depth]
+        start = lowest_feasible(node, i) if depth else floor[i]
+        start = max(start, floor[i])
+        for lv in range(start, lat.tops[i] + 1):
+            lb = assigned + qloss[i][lv] + rest_lb[depth + 1]
+            if lb > best.loss + eps:
+                break
+            node[i] = lv
+            if depth + 1 < q:
+                dfs(depth + 1, node, assigned + qloss[i][lv])
+            else:
+                sat(tuple(node))  # complete node: a candidate (its level is feasible by construction)
+        node[i] = lat.tops[i]
+
+    dfs(0, list(lat.tops), 0.0)
+    return SearchResult(best.node, best.suppressed, best.loss, lat.evaluations, visited, time.perf_counter() - t0)
 
 
 def exhaustive_search(lat: Lattice) -> NodeResult | None:
