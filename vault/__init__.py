@@ -1,10 +1,14 @@
 """Token vault: convergent tokens, encrypted originals, SQLite and PostgreSQL backends.
 
 Public API: `open_vault(ref, key_service) -> Vault` (see `cloakbeam.vault.store`), `Domain`, `TokenFormat`,
-`VaultAccess` (role-checked, audited detokenize/forget), `RolePolicy`, `AuditLog`.
+`VaultAccess` (role-checked, audited detokenize/forget), `RolePolicy` (vault/roles.py), `AuditLog` and
+`audit_key` (vault/audit.py). See docs/token-vault.md.
 """
 
+from cloakbeam.vault.access import VaultAccess
+from cloakbeam.vault.audit import AuditLog, audit_key
+from cloakbeam.vault.roles import RolePolicy
 from cloakbeam.vault.store import Domain, Vault, open_vault
 from cloakbeam.vault.tokens import TokenFormat
 
-__all__ = ["Domain", "TokenFormat", "Vault", "open_vault"]
+__all__ = ["AuditLog", "Domain", "RolePolicy", "TokenFormat", "Vault", "VaultAccess", "audit_key", "open_vault"]
