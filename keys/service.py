@@ -113,6 +113,9 @@ _PROCESS: dict[tuple[KeyRef, str], _ProcessDeks] = {}
 _PROCESS_LOCK = threading.Lock()
 
 
+_BOUND_FIELDS = ("key_id", "alg", "dataset", "column", "kek", "kek_version", "wrapped", "provider")
+
+
 def _dek_aad(record: dict[str, Any]) -> bytes:
     bound = {k: record[k] for k in ("key_id", "alg", "dataset", "column")}
     return b"cloakbeam-dek/v1\x00" + json.dumps(bound, sort_keys=True, separators=(",", ":")).encode()
@@ -246,7 +249,9 @@ class KeyService:
         kid = str(record.get("key_id", ""))
         with self._state.lock:
             hit = self._state.unwrapped.get(kid)
-        if hit is not None:
+        # A cache hit must be for the very same record: a relabelled copy (other column, dataset, version)
+        # is unwrapped again and fails its AAD check.
+        if hit is not None and all(str(hit.record.get(f)) == str(record.get(f)) for f in _BOUND_FIELDS):
             return hit
         try:
             alg = record["alg"]
@@ -466,11 +471,9 @@ def make_provider(ref: KeyRef, doc: dict[str, Any]) -> Any:
     """The KEK provider for `ref` (local keyring, aws-kms, gcp-kms, vault-transit)."""
     if ref.provider == "local":
         return _kr.LocalKekProvider(ref.path or "", doc)
-    try:
-        from cloakbeam.keys import kms
-    except ModuleNotFoundError:  # pragma: no cover
-        raise KeyAccessError(f"key provider '{ref.provider}' is not available in this build") from None
-    return kms.make_kms_provider(ref)
+    from cloakbeam.keys import kms
+
+    return kms.make_provider(ref, doc)
 
 
 def init_keyring(
@@ -501,8 +504,7 @@ def init_keyring(
     if provider != "local":
         doc["dev"] = False
     prov = make_provider(ref, doc)
-    if provider == "local":
-        prov.rotate(DEFAULT_KEK)
+    prov.rotate(DEFAULT_KEK)  # KEK 'default' version 1 (a KMS provider may adopt an existing key)
     signing = Ed25519PrivateKey.generate()
     from cryptography.hazmat.primitives import serialization
 

@@ -36,3 +36,182 @@ def all_key_bytes(ks: KeyService) -> list[bytes]:
     for rec in ks.wrapped_keys_used():
         out.append(prov.unwrap(rec["kek"], rec["kek_version"], kr.b64d(rec["wrapped"]), _dek_aad(rec)))
     return out
+
+
+# -- loopback KMS servers (real HTTP on 127.0.0.1; they implement only the endpoints cloakbeam uses) --------
+
+import base64 as _b64
+import json as _json
+import os as _os
+import socket as _socket
+import threading as _threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlparse
+
+from cryptography.exceptions import InvalidTag as _InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM as _AESGCM
+
+
+def free_port() -> int:
+    with _socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server:
+    def __init__(self, handler_cls) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler_cls)
+        self.httpd.state = self  # type: ignore[attr-defined]
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        self.calls: list[str] = []
+        self.thread = _threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def _body(self) -> dict:
+        n = int(self.headers.get("Content-Length") or 0)
+        return _json.loads(self.rfile.read(n) or b"{}") if n else {}
+
+    def _send(self, code: int, doc: dict | None) -> None:
+        data = b"" if doc is None else _json.dumps(doc).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class FakeVaultTransit(_Server):
+    """Vault transit subset: keys create/read/rotate/config, encrypt, decrypt (AES-256-GCM, versioned)."""
+
+    def __init__(self, token: str = "test-token") -> None:
+        self.token = token
+        self.keys: dict[str, dict] = {}
+        super().__init__(_VaultHandler)
+
+
+class _VaultHandler(_Handler):
+    def _route(self, method: str) -> None:
+        st: FakeVaultTransit = self.server.state  # type: ignore[attr-defined]
+        if self.headers.get("X-Vault-Token") != st.token:
+            return self._send(403, {"errors": ["permission denied"]})
+        parts = urlparse(self.path).path.strip("/").split("/")  # v1 transit <op> <name> [rotate|config]
+        st.calls.append(f"{method} {'/'.join(parts[2:3] + parts[4:])}")
+        body = self._body() if method == "POST" else {}
+        if len(parts) < 4 or parts[:2] != ["v1", "transit"]:
+            return self._send(404, {"errors": []})
+        op, name, rest = parts[2], parts[3], parts[4:]
+        key = st.keys.get(name)
+        if op == "keys" and not rest and method == "POST":
+            st.keys.setdefault(name, {"versions": {1: _os.urandom(32)}, "latest": 1, "min_dec": 1})
+            return self._send(204, None)
+        if key is None:
+            return self._send(404, {"errors": []})
+        if op == "keys" and not rest:
+            return self._send(200, {"data": {"latest_version": key["latest"], "min_decryption_version": key["min_dec"], "keys": {str(v): 0 for v in key["versions"]}}})
+        if op == "keys" and rest == ["rotate"]:
+            key["latest"] += 1
+            key["versions"][key["latest"]] = _os.urandom(32)
+            return self._send(204, None)
+        if op == "keys" and rest == ["config"]:
+            key["min_dec"] = int(body.get("min_decryption_version", key["min_dec"]))
+            return self._send(204, None)
+        aad = _b64.b64decode(body.get("associated_data") or "")
+        if op == "encrypt":
+            v = int(body.get("key_version") or key["latest"])
+            nonce = _os.urandom(12)
+            ct = _AESGCM(key["versions"][v]).encrypt(nonce, _b64.b64decode(body["plaintext"]), aad)
+            return self._send(200, {"data": {"ciphertext": f"vault:v{v}:" + _b64.b64encode(nonce + ct).decode()}})
+        if op == "decrypt":
+            _, vtag, b64 = body["ciphertext"].split(":", 2)
+            v = int(vtag[1:])
+            if v < key["min_dec"] or v not in key["versions"]:
+                return self._send(400, {"errors": ["ciphertext or signature version is disallowed by policy (too old)"]})
+            raw = _b64.b64decode(b64)
+            try:
+                pt = _AESGCM(key["versions"][v]).decrypt(raw[:12], raw[12:], aad)
+            except _InvalidTag:
+                return self._send(400, {"errors": ["cipher: message authentication failed"]})
+            return self._send(200, {"data": {"plaintext": _b64.b64encode(pt).decode()}})
+        return self._send(404, {"errors": []})
+
+    def do_GET(self) -> None:
+        self._route("GET")
+
+    def do_POST(self) -> None:
+        self._route("POST")
+
+    def do_PUT(self) -> None:
+        self._route("POST")
+
+
+class FakeGcpKms(_Server):
+    """Cloud KMS REST subset: get CryptoKey, create version, update primary, encrypt, decrypt, destroy version."""
+
+    def __init__(self, crypto_key: str) -> None:
+        self.crypto_key = crypto_key
+        self.versions: dict[int, dict] = {1: {"key": _os.urandom(32), "state": "ENABLED"}}
+        self.primary = 1
+        super().__init__(_GcpHandler)
+
+    def vname(self, v: int) -> str:
+        return f"{self.crypto_key}/cryptoKeyVersions/{v}"
+
+    def key_doc(self) -> dict:
+        return {"name": self.crypto_key, "purpose": "ENCRYPT_DECRYPT", "primary": {"name": self.vname(self.primary), "state": "ENABLED"}}
+
+
+class _GcpHandler(_Handler):
+    def do_GET(self) -> None:
+        st: FakeGcpKms = self.server.state  # type: ignore[attr-defined]
+        path = urlparse(self.path).path[len("/v1/") :]
+        st.calls.append(f"GET {path}")
+        if path == st.crypto_key:
+            return self._send(200, st.key_doc())
+        return self._send(404, {"error": {"code": 404, "message": "not found", "status": "NOT_FOUND"}})
+
+    def do_POST(self) -> None:
+        st: FakeGcpKms = self.server.state  # type: ignore[attr-defined]
+        path = urlparse(self.path).path[len("/v1/") :]
+        body = self._body()
+        name, _, verb = path.partition(":")
+        st.calls.append(f"POST {verb or name.rsplit('/', 1)[-1]}")
+        err = lambda code, status, msg: self._send(code, {"error": {"code": code, "message": msg, "status": status}})  # noqa: E731
+        if path == f"{st.crypto_key}/cryptoKeyVersions":
+            v = max(st.versions) + 1
+            st.versions[v] = {"key": _os.urandom(32), "state": "ENABLED"}
+            return self._send(200, {"name": st.vname(v), "state": "ENABLED"})
+        if verb == "updatePrimaryVersion" and name == st.crypto_key:
+            st.primary = int(body["cryptoKeyVersionId"])
+            return self._send(200, st.key_doc())
+        aad = _b64.b64decode(body.get("additionalAuthenticatedData") or "")
+        if verb == "encrypt":
+            v = st.primary if name == st.crypto_key else int(name.rsplit("/", 1)[1])
+            if st.versions.get(v, {}).get("state") != "ENABLED":
+                return err(400, "FAILED_PRECONDITION", "key version is not enabled")
+            nonce = _os.urandom(12)
+            ct = _AESGCM(st.versions[v]["key"]).encrypt(nonce, _b64.b64decode(body["plaintext"]), aad)
+            return self._send(200, {"name": st.vname(v), "ciphertext": _b64.b64encode(v.to_bytes(4, "big") + nonce + ct).decode()})
+        if verb == "decrypt" and name == st.crypto_key:
+            raw = _b64.b64decode(body["ciphertext"])
+            v = int.from_bytes(raw[:4], "big")
+            if st.versions.get(v, {}).get("state") != "ENABLED":
+                return err(400, "FAILED_PRECONDITION", "key version is not enabled")
+            try:
+                pt = _AESGCM(st.versions[v]["key"]).decrypt(raw[4:16], raw[16:], aad)
+            except _InvalidTag:
+                return err(400, "INVALID_ARGUMENT", "Decryption failed")
+            return self._send(200, {"plaintext": _b64.b64encode(pt).decode()})
+        if verb == "destroy":
+            v = int(name.rsplit("/", 1)[1])
+            st.versions[v]["state"] = "DESTROY_SCHEDULED"
+            return self._send(200, {"name": name, "state": "DESTROY_SCHEDULED"})
+        return err(404, "NOT_FOUND", "not found")

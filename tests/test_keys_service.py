@@ -187,10 +187,11 @@ def test_wrapped_record_unwraps_in_fresh_process_and_is_bound(tmp_path):
     svc._PROCESS.clear()
     fresh = open_key_service(ref)
     assert fresh.unwrap_data_key(rec).aead.decrypt(b"\0" * 12, ct, b"") == b"hello"
-    svc._PROCESS.clear()
-    moved = dict(rec, column="other")  # a record relabelled to another column does not unwrap
+    moved = dict(rec, column="other")  # a record relabelled to another column does not unwrap,
+    with pytest.raises(KeyAccessError, match="failed to unwrap"):  # even while the real one is cached
+        fresh.unwrap_data_key(moved)
     with pytest.raises(KeyAccessError, match="failed to unwrap"):
-        open_key_service(ref).unwrap_data_key(moved)
+        ks.unwrap_data_key(dict(rec, dataset="other"))
 
 
 def test_named_kek_missing_is_a_clear_error(tmp_path):
