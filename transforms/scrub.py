@@ -120,7 +120,8 @@ class Scrub(Action):
                 raise RuntimeError(f"field '{self.field.path}': linked field '{path}' is not in the batch")
             linked[path] = (as_strings(other) or other.cast(pa.string())).to_pylist()
         spans: dict[int, list[tuple[int, int, str]]] = {}
-        # Linked values: a case-insensitive substring test per row (cheap), then exact positions.
+        # Linked values: case-insensitive occurrences on word boundaries, with str.find (no regex per row).
+        lowered = [t.lower() if t is not None else None for t in texts]
         for path, values in linked.items():
             typ = self._link_types[path]
             for i in range(n):
@@ -128,10 +129,8 @@ class Scrub(Action):
                 if text is None or not v:
                     continue
                 for needle, span_type in _needles(v, typ, self.options["name_parts"]):
-                    if needle.lower() in text.lower():
-                        rx = re.compile(r"(?<!\w)" + re.escape(needle) + r"(?!\w)", re.IGNORECASE)
-                        for m in rx.finditer(text):
-                            spans.setdefault(i, []).append((m.start(), m.end(), span_type))
+                    for s, e in _occurrences(text, lowered[i], needle):
+                        spans.setdefault(i, []).append((s, e, span_type))
         # Detector candidates on the pre-filtered rows, validated per detector in one vectorized call.
         cand_rows = np.flatnonzero(rows)
         for det in dets:
@@ -157,7 +156,8 @@ class Scrub(Action):
         out = list(texts)
         counts: dict[str, int] = {}
         for i, found in spans.items():
-            results = [RecognizerResult(entity_type=t, start=s, end=e, score=1.0) for s, e, t in found]
+            # Drop duplicates and spans inside another span here (cheap) so presidio resolves only real overlaps.
+            results = [RecognizerResult(entity_type=t, start=s, end=e, score=1.0) for s, e, t in _outermost(found)]
             try:
                 res = engine.anonymize(text=texts[i], analyzer_results=results, operators=operators)
             except Exception as exc:  # presidio errors quote no text, but keep ours value-free regardless
@@ -206,6 +206,40 @@ def _needles(value: Any, typ: str, name_parts: bool) -> list[tuple[str, str]]:
         parts = [p for p in re.split(r"\s+", v) if len(p.strip(".,")) >= 3]
         if len(parts) > 1:
             out += [(parts[0], "PERSON_NAME:first")] + [(p, "PERSON_NAME:last") for p in parts[1:]]
+    return out
+
+
+def _outermost(found: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    """Spans not contained in another span (linked values first win ties, as they are listed first)."""
+    order = sorted(range(len(found)), key=lambda k: (found[k][0], -found[k][1], k))
+    out: list[tuple[int, int, str]] = []
+    reach = -1
+    for k in order:
+        s, e, t = found[k]
+        if e <= reach:
+            continue
+        out.append((s, e, t))
+        reach = max(reach, e)
+    return out
+
+
+def _occurrences(text: str, lowered: str, needle: str) -> list[tuple[int, int]]:
+    """(start, end) of each case-insensitive occurrence of `needle` in `text` not inside a longer word."""
+    low = needle.lower()
+    if not low:
+        return []
+    if len(lowered) != len(text) or len(low) != len(needle):  # lower() changed lengths (rare Unicode): use re
+        rx = re.compile(r"(?<!\w)" + re.escape(needle) + r"(?!\w)", re.IGNORECASE)
+        return [(m.start(), m.end()) for m in rx.finditer(text)]
+    out = []
+    pos = lowered.find(low)
+    while pos >= 0:
+        end = pos + len(low)
+        before = text[pos - 1] if pos > 0 else " "
+        after = text[end] if end < len(text) else " "
+        if not (before.isalnum() or before == "_") and not (after.isalnum() or after == "_"):
+            out.append((pos, end))
+        pos = lowered.find(low, pos + 1)
     return out
 
 
