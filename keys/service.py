@@ -356,6 +356,8 @@ class KeyService:
 
     def retire(self, kek: str, version: str) -> None:
         """Retire (destroy) an old KEK version. Refused while the keyring's own secrets still need it."""
+        if str(version) == self._provider.primary_version(kek):
+            raise KeyAccessError(f"version {version} is the newest version of key '{kek}'; rotate first, then rewrap, then retire it")
         for name, entry in (self._doc.get("secrets") or {}).items():
             if entry["kek"] == kek and str(entry["kek_version"]) == str(version):
                 raise KeyAccessError(f"the keyring's '{name}' secret is still wrapped under version {version}; rotate first")

@@ -1,0 +1,87 @@
+"""`cloakbeam keys …`, `decrypt`, `verify`: exit codes and messages for good and bad invocations."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from cloakbeam.pipeline.cli import main
+
+
+@pytest.fixture()
+def state(tmp_path, monkeypatch):
+    s = tmp_path / "state"
+    monkeypatch.setenv("CLOAKBEAM_STATE_DIR", str(s))
+    return s
+
+
+def test_init_passphrase_list_rotate_retire(state, monkeypatch, capsys):
+    monkeypatch.setenv("CLOAKBEAM_KEYRING_PASSPHRASE", "pw-for-tests")
+    assert main(["keys", "init", "--scrypt-n", "4096"]) == 0
+    ring = state / "keyring.json"
+    assert stat.S_IMODE(ring.stat().st_mode) == 0o600
+    doc = json.loads(ring.read_text())
+    assert doc["protection"]["mode"] == "passphrase" and doc["dev"] is False
+    assert main(["keys", "init", "--scrypt-n", "4096"]) == 2  # refuses to overwrite
+    assert "already exists" in capsys.readouterr().err
+    assert main(["keys", "rotate"]) == 0
+    assert main(["keys", "rotate", "--name", "pii-high"]) == 0
+    assert main(["keys", "retire", "2"]) == 1  # newest version
+    err = capsys.readouterr().err
+    assert "newest version" in err
+    assert main(["keys", "retire", "1"]) == 0
+    capsys.readouterr()
+    assert main(["keys", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "default\tv1\tretired" in out and "default\tv2\tactive" in out and "pii-high\tv1\tactive" in out
+    assert "pw-for-tests" not in out
+    assert main(["keys", "public-key"]) == 0
+    assert len(capsys.readouterr().out.strip()) == 44
+
+
+def test_missing_or_wrong_passphrase_exit_2_without_leaking(state, monkeypatch, capsys):
+    monkeypatch.setenv("CLOAKBEAM_KEYRING_PASSPHRASE", "right-one")
+    assert main(["keys", "init", "--scrypt-n", "4096"]) == 0
+    monkeypatch.setenv("CLOAKBEAM_KEYRING_PASSPHRASE", "wrong-one")
+    assert main(["keys", "list"]) == 2
+    err = capsys.readouterr().err
+    assert "wrong passphrase" in err and "wrong-one" not in err and "right-one" not in err
+    monkeypatch.delenv("CLOAKBEAM_KEYRING_PASSPHRASE")
+    assert main(["keys", "rotate"]) == 2
+    assert "CLOAKBEAM_KEYRING_PASSPHRASE" in capsys.readouterr().err
+
+
+def test_group_readable_keyring_exit_2(state, capsys):
+    assert main(["keys", "init", "--protect", "dev"]) == 0
+    os.chmod(state / "keyring.json", 0o644)
+    assert main(["keys", "list"]) == 2
+    assert "chmod 600" in capsys.readouterr().err
+
+
+def test_missing_keyring_exit_2(state, capsys):
+    assert main(["keys", "list"]) == 2
+    assert "keys init" in capsys.readouterr().err
+
+
+def test_decrypt_and_verify_usage_errors(state, tmp_path, capsys):
+    assert main(["keys", "init", "--protect", "dev"]) == 0
+    out = tmp_path / "out"
+    (out / "data").mkdir(parents=True)
+    assert main(["decrypt", str(tmp_path / "nope"), "--out", str(tmp_path / "p"), "--role", "r", "--purpose", "p"]) == 2
+    nonempty = tmp_path / "full"
+    nonempty.mkdir()
+    (nonempty / "x").write_text("x")
+    assert main(["decrypt", str(out), "--out", str(nonempty), "--role", "r", "--purpose", "p"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["decrypt", str(out), "--out", str(tmp_path / "p2"), "--role", "r", "--purpose", "p"]) == 2
+    assert "role policy" in capsys.readouterr().err
+    assert main(["verify", str(tmp_path / "missing")]) == 2
+    assert main(["verify", str(out)]) == 1
+    assert "manifest.json is missing" in capsys.readouterr().err
+    assert main(["verify", str(out), "--public-key", "not-base64!"]) == 2
+    with pytest.raises(SystemExit) as ei:
+        main(["decrypt", str(out)])  # --out, --role, --purpose are required
+    assert ei.value.code == 2
