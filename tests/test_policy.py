@@ -57,8 +57,8 @@ def test_record_paths_expand_and_inner_rules_win():
 
 def test_output_schema_carries_action_and_class_metadata(customers_schema):
     policy = load_policy(POLICY, customers_schema)
-    field = policy.output_schema().field("gender")
-    assert field.metadata[b"cloakbeam.class"] == b"GENDER"
+    field = policy.output_schema().field("income")
+    assert field.metadata[b"cloakbeam.class"] == b"NUMERIC"
     assert b'"action": "keep"' in field.metadata[b"cloakbeam.action"]
 
 

@@ -583,6 +583,17 @@ def _parse_limit(value: Any) -> float:
     return float(value)
 
 
+def summary_line(rep: Mapping[str, Any]) -> str:
+    """One line for the CLI summary: achieved k/l, levels, suppression, risk, loss (no values)."""
+    levels = ", ".join(f"{p}={v['name']}" for p, v in rep.get("levels", {}).items())
+    n = rep.get("records_in") or 0
+    sup = rep.get("records_suppressed") or 0
+    share = f"{sup / n:.2%}" if n else "0%"
+    l_part = f", l={rep.get('l_achieved')} (target {rep.get('l_target')})" if rep.get("l_target") else ""
+    return (f"k={rep.get('k_achieved')} (target {rep.get('k_target')}){l_part}; {levels}; suppressed {sup:,} ({share}); "
+            f"prosecutor risk {rep.get('prosecutor_risk')}; information loss {rep.get('information_loss')}")
+
+
 def _auto_fields(policy: CompiledPolicy) -> list[str]:
     return [p for p, a in policy.actions.items() if isinstance(a, Generalize) and a.is_auto]
 
@@ -611,6 +622,7 @@ class KAnonymitySection:
         batch = run_stats.extra.get("k_anonymity")
         if batch is not None:
             out["batch"] = batch
+            out["summary"] = summary_line(batch)
         windows = run_stats.extra.get("k_anonymity_windows")
         if windows is not None:
             ws = sorted(windows, key=lambda w: (w.get("window_start", ""), w.get("pane_index", 0)))
@@ -624,6 +636,11 @@ class KAnonymitySection:
                 "min_k_achieved": min((w["k_achieved"] for w in released if w.get("k_achieved") is not None), default=None),
                 "panes_over_suppression_limit": sum(1 for w in ws if not w.get("target_met", True)),
             }
+            if batch is None:
+                sm = out["streaming_summary"]
+                out["summary"] = (f"{sm['windows']} windows, min k {sm['min_k_achieved']} (target {self.spec.k}), "
+                                  f"suppressed {sm['records_suppressed']:,} of {sm['records_in']:,}, "
+                                  f"{sm['panes_over_suppression_limit']} panes missed the target")
         return out
 
     def describe(self) -> dict[str, Any]:
