@@ -103,7 +103,7 @@ class _ProcessDeks:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.active: dict[tuple[str, str, str, bool], _Entry] = {}
+        self.active: dict[tuple[str, str, str, bool, str | None], _Entry] = {}
         self.records: dict[str, dict[str, Any]] = {}  # key id hex -> wrapped record
         self.unwrapped: dict[str, DataKey] = {}
         self.kms_calls = 0
@@ -192,17 +192,17 @@ class KeyService:
         """KEK operations (wrap/unwrap) made by this process for this keyring; for tests and metrics."""
         return self._state.kms_calls
 
-    def data_key(self, dataset: str, column: str, *, deterministic: bool = False, kek: str = DEFAULT_KEK, uses: int = 1) -> DataKey:
+    def data_key(self, dataset: str, column: str, *, deterministic: bool = False, kek: str = DEFAULT_KEK, uses: int = 1, run: str | None = None) -> DataKey:
         """A data key for `uses` cell encryptions of (`dataset`, `column`).
 
         Random mode: the process's cached DEK while it is younger than the TTL and has fewer than
         `dek_max_uses` encryptions, otherwise a fresh random DEK wrapped under the newest version of KEK `kek`
         (one KMS call). Deterministic mode: AES-SIV key derived from the root secret for (kek, dataset,
-        column), identical on every worker and run.
+        column), identical on every worker and run. `run` scopes random DEKs to one run (recorded, not secret).
         """
         if uses > self._max_uses:
             raise ValueError(f"a single request for {uses} encryptions exceeds dek_max_uses; split the batch")
-        slot = (dataset, column, kek, deterministic)
+        slot = (dataset, column, kek, deterministic, None if deterministic else run)
         now = time.monotonic()
         with self._state.lock:
             entry = self._state.active.get(slot)
@@ -210,6 +210,8 @@ class KeyService:
                 entry.uses += uses
                 return entry.key
         key = self._new_data_key(dataset, column, deterministic, kek)
+        if run is not None and not deterministic:
+            key.record["run"] = run
         with self._state.lock:
             entry = _Entry(key=key, created=now, uses=uses)
             self._state.active[slot] = entry

@@ -114,3 +114,36 @@ def test_pickled_action_dofn_and_runtime_hold_no_key_bytes(customers_schema, run
             assert kr.b64e(s).encode() not in blob and s.hex().encode() not in blob
     with pytest.raises(TypeError):
         pickle.dumps(fn.ctx.keys)
+
+
+def test_wrapped_keys_reach_the_manifest_when_protect_and_write_run_in_different_processes(customers_schema, runtime, tmp_path):
+    import json
+
+    from cloakbeam.keys import service as svc
+    from cloakbeam.keys.decrypt import decrypt_output
+    from cloakbeam.pipeline.stats import RunStats
+    from cloakbeam.transforms.steps import PolicyRef, _ProtectFn, _WriteFn
+    from cloakbeam.vault.roles import RolePolicy
+
+    pol = _policy(customers_schema, ssn="encrypt")
+    batch = _batch(customers_schema, 30)
+    fn = _ProtectFn(PolicyRef.of(pol), runtime)
+    fn.setup()
+    outs = list(fn.process(batch))
+    protected = [o for o in outs if isinstance(o, pa.RecordBatch)][0]
+    stats = [o for o in outs if isinstance(o, RunStats)]
+    assert len(list(fn.process(batch))) == 2  # same DEK for the next batch: no new records to send
+    svc._PROCESS.clear()  # the writer runs in another worker process with an empty DEK cache
+    out = tmp_path / "out"
+    w = _WriteFn(str(out), PolicyRef.of(pol), runtime)
+    w.setup()
+    stats += list(w.process(protected))
+    merged = RunStats.merged(stats)
+    f = out / merged.files[0].path
+    assert not svc.read_parquet_wrapped_keys(str(f))  # this writer never saw the DEK ...
+    (out / "manifest.json").write_text(json.dumps({"outputs": [x.to_json() for x in merged.files], "extra": merged.extra}))
+    roles = RolePolicy.from_dict({"roles": {"dpo": [{"action": "decrypt", "domains": ["ssn"], "purposes": ["dsar"]}]}})
+    ks = open_key_service(runtime.keys)
+    [(rel, table)] = list(decrypt_output(out, ks, role="dpo", purpose="dsar", roles=roles))
+    want = batch.column(batch.schema.get_field_index("ssn"))
+    assert table.column("ssn").combine_chunks().equals(want)  # ... the manifest carried it

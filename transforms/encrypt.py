@@ -60,7 +60,7 @@ class Encrypt(Action):
         for start in range(0, max(len(column), 1), max(limit, 1)):
             part = column.slice(start, limit)
             uses = len(part) - part.null_count
-            dek = keys.data_key(ctx.dataset_id, path, deterministic=det, kek=self.options["key"], uses=max(uses, 1))
+            dek = keys.data_key(ctx.dataset_id, path, deterministic=det, kek=self.options["key"], uses=max(uses, 1), run=ctx.run_id)
             pieces.append(encrypt_column(part, dek, dataset=ctx.dataset_id, column=path))
         ctx.count(f"encrypt.{path}.cells", len(column) - column.null_count)
         return pieces[0] if len(pieces) == 1 else pa.concat_arrays(pieces)
