@@ -105,11 +105,11 @@ def test_pipeline_with_parquet_encryption_and_cell_encryption(tmp_path, monkeypa
     from cloakbeam.pipeline.cli import main
     from cloakbeam.pipeline.graph import RunSettings, run_pipeline
     from cloakbeam.schemas.generate import generate
-    from cloakbeam.tests.conftest import POLICY, SCHEMA
+    from cloakbeam.tests.conftest import SCHEMA
 
     state = tmp_path / "state"
     monkeypatch.setenv("CLOAKBEAM_STATE_DIR", str(state))
-    raw = yaml.safe_load(POLICY.read_text())
+    raw = {"version": 1, "dataset": "customers", "fields": {"ssn": "encrypt", "gender": "keep", "income": "keep", "diagnosis": "keep", "churned": "keep"}}
     raw["parquet_encryption"] = {"columns": {"default": ["diagnosis", "income"]}}
     policy = tmp_path / "policy.yaml"
     policy.write_text(yaml.safe_dump(raw))
