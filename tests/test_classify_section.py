@@ -199,3 +199,19 @@ def test_unknown_declared_class_fails():
 )
 def test_name_hints(path, cls):
     assert name_hint(path) == cls
+
+
+def test_report_flags_values_that_look_like_another_class(tmp_path):
+    policy = _policy({"id": "drop", "misc": {"action": "mask", "method": "redact"}})
+    ctx = make_ctx(tmp_path / "k.json")
+    protect_batch(_batch(["a@b.example"] * 30), policy, ctx)
+    report = policy.sections["classification"].report(RunStats(fields=ctx.stats))
+    assert report["fields"]["misc"]["detected_class"] == "EMAIL"
+    assert report["fields"]["ssn"]["detected_class"] == "US_SSN"
+    assert report["class_mismatches"] == ["misc"]
+
+
+def test_date_shift_and_pseudonym_scrub_require_keys():
+    policy = _policy({"id": "drop", "comment": {"action": "scrub", "mode": "pseudonym"}})
+    assert policy.requires() == {"keys"}
+    assert _policy({"id": "drop", "comment": {"action": "scrub"}}).requires() == set()

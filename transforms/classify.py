@@ -239,7 +239,8 @@ class ClassificationSection:
         """Per field: class, its source, and detector hit rates measured during the run (counts and rates only)."""
         counters = getattr(run_stats, "fields", {}) or {}
         out: dict[str, Any] = {}
-        contradictions = []
+        contradictions: list[str] = []
+        mismatches: list[str] = []
         for path in self.schema.leaf_paths:
             prefix = f"classify.{path}."
             rows = int(counters.get(prefix + "rows", 0))
@@ -255,6 +256,12 @@ class ClassificationSection:
                         hits[det]["contained_in"] = c
             if hits:
                 entry["detectors"] = hits
+                best = max(hits, key=lambda d: (hits[d]["rate"], d))
+                if hits[best]["rate"] >= 0.8 and rows >= 20:
+                    detected = DETECTORS[best].data_class
+                    entry["detected_class"] = detected
+                    if detected != self.classes[path] and not (best == "DATE" and self.classes[path] == "DATE_OF_BIRTH"):
+                        mismatches.append(path)
             if prefix + "guard.rows" in counters:
                 entry["guard"] = {
                     "rows": int(counters[prefix + "guard.rows"]),
@@ -265,7 +272,12 @@ class ClassificationSection:
                 entry["contradicting_batches"] = warned
                 contradictions.append(path)
             out[path] = entry
-        return {"fields": out, "guarded_fields": sorted(self.guarded), "contradictions": contradictions}
+        return {
+            "fields": out,
+            "guarded_fields": sorted(self.guarded),
+            "contradictions": contradictions,  # fields whose guard fired under on_contradiction: warn
+            "class_mismatches": mismatches,  # fields whose values mostly look like another class than assigned
+        }
 
     # -- the per-batch check --------------------------------------------------------------------------------
     def check(self, columns: Mapping[str, pa.Array], ctx: Any) -> None:

@@ -105,6 +105,10 @@ class Mask(Action):
         if method == "phone" and self.options["keep_last"] > 4:
             raise self.fail("method 'phone' keeps at most 4 digits; lower 'keep_last'")
 
+    @property
+    def requires(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({"keys"}) if self.options["method"] == "date_shift" else frozenset()
+
     def linked_fields(self) -> list[str]:
         """Other input fields this action reads (checked against the schema when the policy compiles)."""
         return [self.options["subject"]] if self.options["method"] == "date_shift" else []

@@ -118,7 +118,8 @@ class Scrub(Action):
             other = columns.get(path)
             if other is None:
                 raise RuntimeError(f"field '{self.field.path}': linked field '{path}' is not in the batch")
-            linked[path] = (as_strings(other) or other.cast(pa.string())).to_pylist()
+            as_text = as_strings(other)
+            linked[path] = (as_text if as_text is not None else other.cast(pa.string())).to_pylist()
         spans: dict[int, list[tuple[int, int, str]]] = {}
         # Linked values: case-insensitive occurrences on word boundaries, with str.find (no regex per row).
         lowered = [t.lower() if t is not None else None for t in texts]
