@@ -34,7 +34,8 @@ class ProgressListener:
 
     def __init__(self, enabled: bool = True) -> None:
         self.counts: Counter[str] = Counter()
-        self.enabled = enabled and sys.stderr.isatty() or enabled == "always"
+        self.tty = sys.stderr.isatty()
+        self.enabled = bool(enabled) and self.tty or enabled == "always"
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.settimeout(0.2)
@@ -51,11 +52,14 @@ class ProgressListener:
         self._stop.set()
         self._thread.join(timeout=2)
         self.sock.close()
-        if self.enabled:
+        if self.enabled and self.tty:
             sys.stderr.write("\n")
 
     def _loop(self) -> None:
-        last = 0.0
+        # On a terminal the status line is redrawn in place; otherwise (logs, CI) a line is printed every few
+        # seconds, and only when the counts moved.
+        last, shown = 0.0, None
+        every = 0.25 if self.tty else 3.0
         while not self._stop.is_set():
             try:
                 data, _ = self.sock.recvfrom(256)
@@ -64,8 +68,9 @@ class ProgressListener:
             except (socket.timeout, ValueError, OSError):
                 pass
             now = time.monotonic()
-            if self.enabled and now - last > 0.25:
-                last = now
-                el = now - self._start
-                sys.stderr.write(f"\r  {el:6.1f}s  rows read {self.counts['read']:>10,}  written {self.counts['written']:>10,}")
+            state = (self.counts["read"], self.counts["written"])
+            if self.enabled and now - last > every and (self.tty or state != shown):
+                last, shown = now, state
+                line = f"  {now - self._start:6.1f}s  rows read {state[0]:>10,}  written {state[1]:>10,}"
+                sys.stderr.write(f"\r{line}" if self.tty else f"{line}\n")
                 sys.stderr.flush()
