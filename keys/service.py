@@ -147,6 +147,7 @@ class KeyService:
             raise ConfigError(f"dek_max_uses must be between 1 and {DEK_MAX_USES_CEILING}")
         self._root = self._unwrap_secret("root", 32)
         self._signing: Ed25519PrivateKey | None = None
+        self._prf_cache: dict[str, bytes] = {}
 
     def __reduce__(self):  # noqa: D105
         raise TypeError("KeyService holds key material and cannot be pickled; pickle its KeyRef instead")
@@ -170,7 +171,11 @@ class KeyService:
         """A 32-byte key for `purpose`, derived with HKDF-SHA256 from the keyring's long-lived root secret."""
         if not self._root:
             raise KeyAccessError("this KeyService was closed")
-        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"cloakbeam/prf/" + purpose.encode()).derive(self._root)
+        key = self._prf_cache.get(purpose)
+        if key is None:
+            key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"cloakbeam/prf/" + purpose.encode()).derive(self._root)
+            self._prf_cache[purpose] = key
+        return key
 
     def keyed_hash(self, purpose: str, data: bytes) -> str:
         """Hex HMAC-SHA256 of `data` under the purpose key (for quarantine fingerprints and blind indexes)."""
@@ -377,6 +382,7 @@ class KeyService:
     def close(self) -> None:
         self._root = b""
         self._signing = None
+        self._prf_cache.clear()
 
 
 def _float_param(ref: KeyRef, name: str, default: float) -> float:
