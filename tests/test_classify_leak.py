@@ -31,21 +31,24 @@ def _all_bytes(root: str) -> list[tuple[str, bytes]]:
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
-    """The reference policy over 3,000 clean records (Parquet input keeps the raw values easy to read back)."""
-    from cloakbeam.schemas.generate import generate
+    """The reference policy over 3,000 JSONL records, 2 % corrupted (so the sealed quarantine is searched too).
+    Returns the raw values as a table (the generator's own rows: every corrupted record's PII included)."""
+    from cloakbeam.schemas.generate import _pools, generate, generate_table
 
     d = tmp_path_factory.mktemp("leak")
-    src = generate(d / "in.parquet", 3000, seed=11, fmt="parquet")["path"]
+    src = generate(d / "in.jsonl", 3000, seed=11, fmt="jsonl", dirty=0.02)["path"]
+    raw = generate_table(3000, 11, 0, _pools(11))
     manifest = run_pipeline(
         RunSettings(inputs=[src], schema=str(SCHEMA), policy=str(POLICY), output=str(d / "out"), batch_size=800, progress=False, state_dir=str(d / "state"))
     )
-    return src, str(d / "out"), manifest
+    return raw, str(d / "out"), manifest
 
 
 def test_no_raw_identifier_in_any_output_byte(reference_run):
-    src, out_dir, manifest = reference_run
+    raw, out_dir, manifest = reference_run
     assert manifest["reconciled"] is True
-    raw = pq.read_table(src)
+    assert manifest["counts"]["quarantined"] > 0
+    assert any("quarantine" in p for p, _ in _all_bytes(out_dir))
     needles: set[bytes] = set()
     for col in LEAK_FIELDS:
         for v in raw.column(col).to_pylist():
@@ -68,7 +71,7 @@ def test_no_raw_identifier_in_any_output_byte(reference_run):
 
 
 def test_notes_were_scrubbed_and_protected_fields_changed(reference_run):
-    src, out_dir, manifest = reference_run
+    _, out_dir, manifest = reference_run
     out = pq.read_table(os.path.join(out_dir, "data"))
     notes = [n for n in out.column("notes").to_pylist() if n]
     assert notes and any("<PERSON_NAME>" in n for n in notes) and any("<EMAIL>" in n for n in notes)
@@ -120,9 +123,8 @@ def test_field_kept_in_clear_holding_ssns_fails_the_run(tmp_path, reference_inpu
 
 
 def test_manifest_is_json_and_names_no_value(reference_run):
-    src, out_dir, _ = reference_run
+    raw, out_dir, _ = reference_run
     text = open(os.path.join(out_dir, "manifest.json")).read()
     json.loads(text)
-    raw = pq.read_table(src)
     for v in raw.column("full_name").to_pylist()[:100]:
         assert v not in text

@@ -166,3 +166,16 @@ def test_date_shift_subject_must_exist_in_schema(customers_schema):
     fields = {"customer_id": "drop", "date_of_birth": {"action": "mask", "method": "date_shift", "subject": "nobody"}}
     with pytest.raises(PolicyError, match="refers to 'nobody', which is not a leaf field"):
         compile_policy({"version": 1, "dataset": "t", "fields": fields}, customers_schema)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)), st.integers(0, 32), st.integers(0, 128))
+def test_ip_truncation_matches_ipaddress_networks(addr, v4_prefix, v6_prefix):
+    import ipaddress
+    import tempfile
+    from pathlib import Path
+
+    ctx = make_ctx(Path(tempfile.mkdtemp()) / "k.json")
+    out = make_action("mask", "ip", method="ip", v4_prefix=v4_prefix, v6_prefix=v6_prefix).apply(pa.array([str(addr)]), {}, ctx)[0].as_py()
+    prefix = v4_prefix if addr.version == 4 else v6_prefix
+    assert out == str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False).network_address)

@@ -129,3 +129,26 @@ def test_default_kind_comes_from_the_declared_class():
 def test_bad_configuration_fails_at_construction(arrow_type, declared, params, message):
     with pytest.raises(PolicyError, match=message):
         make_action("pseudonymize", "f", arrow_type, declared=declared, **params)
+
+
+def test_same_surrogates_in_a_separate_process(tmp_path):
+    """A fresh interpreter (its own Faker pools, its own key service) gives identical surrogates."""
+    import json
+    import subprocess
+    import sys
+
+    keyring = tmp_path / "k.json"
+    values = [f"Person {i}" for i in range(50)] + [None]
+    code = (
+        "import json, sys, pyarrow as pa\n"
+        "from pathlib import Path\n"
+        "from cloakbeam.tests.classify_fixtures import make_action, make_ctx\n"
+        "vals = json.loads(sys.argv[2])\n"
+        "ctx = make_ctx(Path(sys.argv[1]))\n"
+        "out = {k: make_action('pseudonymize', 'f', kind=k).apply(pa.array(vals, pa.string()), {}, ctx).to_pylist() for k in ('name', 'email', 'phone', 'address')}\n"
+        "print(json.dumps(out))\n"
+    )
+    here = {k: make_action("pseudonymize", "f", kind=k).apply(pa.array(values, pa.string()), {}, make_ctx(keyring)).to_pylist() for k in ("name", "email", "phone", "address")}
+    res = subprocess.run([sys.executable, "-c", code, str(keyring), json.dumps(values)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-500:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == here

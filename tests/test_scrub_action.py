@@ -6,6 +6,9 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
 from cloakbeam.errors import PolicyError
 from cloakbeam.tests.classify_fixtures import make_action, make_ctx
 from cloakbeam.transforms.pseudonymize import SurrogateGenerator, pseudonym_key
@@ -121,3 +124,23 @@ def test_linked_field_must_exist(customers_schema):
 
     with pytest.raises(PolicyError, match="refers to 'fullname', which is not a leaf field"):
         compile_policy({"version": 1, "dataset": "t", "fields": {"notes": {"action": "scrub", "link": ["fullname"]}}}, customers_schema)
+
+
+_PLACEHOLDERS = "<PERSON_NAME> <EMAIL> <PHONE> <US_SSN> <CREDIT_CARD> <IP_ADDRESS> <PII>".lower()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.from_regex(r"[A-Za-z][A-Za-z0-9 .'-]{1,28}[A-Za-z0-9]", fullmatch=True),
+    st.sampled_from(["", "Note: ", "(", "call "]),
+    st.sampled_from(["", ".", " today", ")", ", thanks"]),
+)
+def test_a_linked_value_never_survives_on_word_boundaries(value, before, after):
+    import tempfile
+    from pathlib import Path
+
+    assume(value.strip().lower() not in _PLACEHOLDERS)
+    ctx = make_ctx(Path(tempfile.mkdtemp()) / "k.json")
+    text = f"{before}{value}{after} and again {value.upper()}"
+    out = make_action("scrub", "notes", link=["internal_ref"], detectors=[]).apply(pa.array([text]), {"internal_ref": pa.array([value])}, ctx)
+    assert value.strip().lower() not in out[0].as_py().lower()
