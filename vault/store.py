@@ -184,10 +184,13 @@ class SQLiteBackend(_Backend):
             out.update(self.conn.execute(q, (domain, *part)).fetchall())
         return out
 
-    def insert_keys(self, rows: Sequence[tuple[bytes, bytes, int]]) -> None:
+    def insert_keys(self, rows: Sequence[tuple[bytes, bytes, int]]) -> int:
+        """Insert new keys; return how many rows were actually inserted (the rest already existed)."""
+        before = self.conn.total_changes
         self.conn.executemany(
             "INSERT INTO cloakbeam_vault_keys (key_id, wrapped, created_at) VALUES (?,?,?) ON CONFLICT DO NOTHING", rows
         )
+        return self.conn.total_changes - before
 
     def get_keys(self, key_ids: Sequence[bytes]) -> dict[bytes, bytes]:
         out: dict[bytes, bytes] = {}
@@ -196,12 +199,15 @@ class SQLiteBackend(_Backend):
             out.update((bytes(k), bytes(w)) for k, w in self.conn.execute(q, tuple(part)))
         return out
 
-    def insert_entries(self, domain: str, rows: Sequence[tuple[str, bytes, bytes, int, bytes]], now: int, expires: int | None) -> None:
+    def insert_entries(self, domain: str, rows: Sequence[tuple[str, bytes, bytes, int, bytes]], now: int, expires: int | None) -> int:
+        """Insert entries; return how many were actually inserted (conflicts on token or blind index skip)."""
+        before = self.conn.total_changes
         self.conn.executemany(
             "INSERT INTO cloakbeam_vault_entries (domain, token, bidx, key_id, counter, ciphertext, created_at, expires_at)"
             " VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
             [(domain, t, b, k, c, x, now, expires) for t, b, k, c, x in rows],
         )
+        return self.conn.total_changes - before
 
     def entries_by_token(self, domain: str, tokens: Sequence[str]) -> dict[str, Entry]:
         out: dict[str, Entry] = {}
@@ -283,16 +289,17 @@ class PostgresBackend(_Backend):
         )
         return {bytes(b): t for b, t in cur}
 
-    def insert_keys(self, rows: Sequence[tuple[bytes, bytes, int]]) -> None:
+    def insert_keys(self, rows: Sequence[tuple[bytes, bytes, int]]) -> int:
         if not rows:
-            return
+            return 0
         rows = sorted(rows)  # one lock order for every writer: no deadlocks between overlapping batches
-        self.conn.execute(
+        cur = self.conn.execute(
             "INSERT INTO cloakbeam_vault_keys (key_id, wrapped, created_at)"
             " SELECT k, w, %s FROM unnest(%b::bytea[], %b::bytea[]) AS u(k, w) ON CONFLICT DO NOTHING",
             (rows[0][2], [r[0] for r in rows], [r[1] for r in rows]),
             binary=True,  # binary arrays: text-format bytea escaping costs more than the insert itself
         )
+        return cur.rowcount
 
     def get_keys(self, key_ids: Sequence[bytes]) -> dict[bytes, bytes]:
         if not key_ids:
@@ -300,17 +307,18 @@ class PostgresBackend(_Backend):
         cur = self.conn.execute("SELECT key_id, wrapped FROM cloakbeam_vault_keys WHERE key_id = ANY(%b::bytea[])", (list(key_ids),), binary=True)
         return {bytes(k): bytes(w) for k, w in cur}
 
-    def insert_entries(self, domain: str, rows: Sequence[tuple[str, bytes, bytes, int, bytes]], now: int, expires: int | None) -> None:
+    def insert_entries(self, domain: str, rows: Sequence[tuple[str, bytes, bytes, int, bytes]], now: int, expires: int | None) -> int:
         if not rows:
-            return
+            return 0
         rows = sorted(rows, key=lambda r: r[1])
-        self.conn.execute(
+        cur = self.conn.execute(
             "INSERT INTO cloakbeam_vault_entries (domain, token, bidx, key_id, counter, ciphertext, created_at, expires_at)"
             " SELECT %s, t, b, k, c, x, %s, %s FROM unnest(%b::text[], %b::bytea[], %b::bytea[], %b::int[], %b::bytea[])"
             " AS u(t, b, k, c, x) ON CONFLICT DO NOTHING",
             (domain, now, expires, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows], [r[4] for r in rows]),
             binary=True,
         )
+        return cur.rowcount
 
     def entries_by_token(self, domain: str, tokens: Sequence[str]) -> dict[str, Entry]:
         if not tokens:
@@ -546,8 +554,10 @@ class Vault:
         for j, kid in enumerate(uniq):
             nonce = nonces[12 * j : 12 * j + 12]
             key_rows.append((kid, nonce + self._kek.encrypt(nonce, raw[32 * j : 32 * j + 32], _DEK_AAD + kid), now))
-        be.insert_keys(key_rows)
-        stored = be.get_keys(uniq)
+        if be.insert_keys(key_rows) == len(key_rows):
+            stored = {kid: w for kid, w, _ in key_rows}  # every key is ours: no read back needed
+        else:
+            stored = be.get_keys(uniq)
         deks = {}
         for j, (kid, mine, _) in enumerate(key_rows):
             theirs = stored[kid]
@@ -565,8 +575,10 @@ class Vault:
         while pending:
             toks = tk.tokens([vals[new[p]] for p in pending], [counters[p] for p in pending])
             rows = [(t, bidx[new[p]], kids[p], counters[p], cts[p]) for p, t in zip(pending, toks)]
-            be.insert_entries(name, rows, now, expires)
-            check = be.tokens_by_bidx(name, [bidx[new[p]] for p in pending])
+            if be.insert_entries(name, rows, now, expires) == len(rows):
+                check = {bidx[new[p]]: t for p, t in zip(pending, toks)}  # no conflict: every token is ours
+            else:
+                check = be.tokens_by_bidx(name, [bidx[new[p]] for p in pending])
             still = []
             for p in pending:
                 tok = check.get(bidx[new[p]])
