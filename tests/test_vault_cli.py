@@ -150,3 +150,15 @@ def test_detokenize_against_postgres_via_dsn_env(state: Path, pg_ref: dict[str, 
     tok = _vault(state, pg_ref).tokenize(Domain("email"), ["pg@x.org"])[0]
     assert main(["vault", "detokenize", "--vault-dsn-env", "CLOAKBEAM_VAULT_DSN", "--role", "support", "--purpose", "ticket", "--domain", "email", tok]) == 0
     assert capsys.readouterr().out.strip() == "pg@x.org"
+
+
+def test_tokens_from_stdin_and_missing_state(state: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    toks = _vault(state).tokenize(Domain("email"), ["h@x.org", "i@x.org"])
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(toks) + "\n"))
+    assert main(["vault", "detokenize", "--role", "support", "--purpose", "ticket", "--domain", "email", "-"]) == 0
+    assert capsys.readouterr().out.split() == ["h@x.org", "i@x.org"]
+    assert main(["audit", "verify", "--state-dir", str(tmp_path / "nowhere")]) == 2
+    bad_roles = tmp_path / "bad.yaml"
+    bad_roles.write_text("roles: {support: [{action: peek, domains: [email], purposes: [x]}]}\n")
+    assert main(["vault", "detokenize", "--roles", str(bad_roles), "--role", "support", "--purpose", "x", "--domain", "email", toks[0]]) == 2
+    assert "unknown action 'peek'" in capsys.readouterr().err
