@@ -17,7 +17,7 @@ counted as `mask.<field>.unparsed`; they are never passed through. Nothing here 
 
 from __future__ import annotations
 
-import ipaddress
+import socket
 from typing import Any, Mapping
 
 import numpy as np
@@ -53,6 +53,11 @@ def _is_string(t: pa.DataType) -> bool:
 
 def _is_temporal(t: pa.DataType) -> bool:
     return pa.types.is_date(t) or pa.types.is_timestamp(t)
+
+
+def _prefix_mask(bits: int) -> np.ndarray:
+    """16 bytes with the first `bits` bits set (an IPv6 netmask)."""
+    return np.packbits(np.arange(128) < bits)
 
 
 def _as_string(column: pa.Array) -> pa.Array:
@@ -185,23 +190,26 @@ class Mask(Action):
         v4_out = pc.binary_join_element_wise(*parts, ".")
         ok4 = is_v4 & in_range
         out = pc.if_else(pa.array(ok4), v4_out, pa.scalar(None, pa.string()))
-        # IPv6: compressed forms (`::`, embedded IPv4) need a real parser, so the standard library handles the
-        # rows that are not IPv4 and contain ':' — per value, but only on that (usually small) subset.
+        # IPv6: compressed forms (`::`, embedded IPv4) need a real parser, so the C socket functions parse and
+        # print the rows that are not IPv4 and contain ':' (per value, but only on that subset); the prefix mask
+        # itself is applied to a numpy byte matrix.
         v6_rows = np.flatnonzero(~is_v4 & pc.fill_null(pc.match_substring(s, ":"), False).to_numpy(zero_copy_only=False))
         if len(v6_rows):
-            prefix = self.options["v6_prefix"]
             vals = s.take(pa.array(v6_rows)).to_pylist()
-            res: list[str | None] = []
-            for v in vals:
+            packed = bytearray(16 * len(vals))
+            ok6 = np.zeros(len(vals), dtype=bool)
+            for j, v in enumerate(vals):
                 try:
-                    addr = ipaddress.IPv6Address(v)
-                    res.append(str(ipaddress.IPv6Network(f"{addr}/{prefix}", strict=False).network_address))
-                except ValueError:
-                    res.append(None)
-            full = out.to_pylist()
-            for i, r in zip(v6_rows, res):
-                full[i] = r
-            out = pa.array(full, type=pa.string())
+                    packed[16 * j : 16 * j + 16] = socket.inet_pton(socket.AF_INET6, v)
+                    ok6[j] = True
+                except (OSError, ValueError):
+                    pass
+            mat = np.frombuffer(bytes(packed), dtype=np.uint8).reshape(-1, 16) & _prefix_mask(self.options["v6_prefix"])
+            flat = mat.tobytes()
+            res = [socket.inet_ntop(socket.AF_INET6, flat[16 * j : 16 * j + 16]) if ok6[j] else None for j in range(len(vals))]
+            mask = np.zeros(len(s), dtype=bool)
+            mask[v6_rows] = True
+            out = pc.replace_with_mask(out, pa.array(mask), pa.array(res, type=pa.string()))
         return out
 
     def _date_shift(self, column: pa.Array, columns: Mapping[str, pa.Array], ctx: ActionContext) -> pa.Array:
