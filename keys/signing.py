@@ -32,6 +32,7 @@ MANIFEST_NAME = "manifest.json"
 SIGNATURE_SUFFIX = ".sig"
 _CONTEXT = b"cloakbeam-manifest-signature/v1\x00"
 _OUTPUT_DIRS = ("data", "quarantine")
+_SIG_FIELDS = {"format", "alg", "public_key", "key_fingerprint", "manifest_sha256", "signature"}
 
 
 def public_key_bytes(key: Ed25519PublicKey) -> bytes:
@@ -132,11 +133,16 @@ def verify_signature(out_dir: str | Path, public_key: bytes | None = None) -> li
         doc = json.loads(sig.read_text())
         pub = base64.b64decode(doc["public_key"], validate=True)
         signature = base64.b64decode(doc["signature"], validate=True)
-        if doc.get("alg") != "Ed25519":
+        canonical = json.dumps(doc, indent=1, sort_keys=True) + "\n"  # the exact form sign_manifest writes
+        if sig.read_text() != canonical or doc.get("alg") != "Ed25519" or doc.get("format") != "cloakbeam-signature/1" or set(doc) != _SIG_FIELDS:
             raise ValueError
     except Exception:
-        return [f"{sig.name} is malformed"]
+        return [f"{sig.name} is malformed; {MANIFEST_NAME} cannot be trusted"]
     problems = []
+    if doc["key_fingerprint"] != fingerprint(pub):
+        problems.append(f"{sig.name} was altered (key fingerprint does not match its public key); {MANIFEST_NAME} cannot be trusted")
+    if doc["manifest_sha256"] != hashlib.sha256(man.read_bytes()).hexdigest():
+        problems.append(f"{MANIFEST_NAME} does not match the SHA-256 recorded in {sig.name}")
     if public_key is not None and pub != public_key:
         problems.append(
             f"{MANIFEST_NAME} is signed by key {fingerprint(pub)}, not by the expected key {fingerprint(public_key)}"

@@ -147,3 +147,37 @@ def test_wrapped_keys_reach_the_manifest_when_protect_and_write_run_in_different
     [(rel, table)] = list(decrypt_output(out, ks, role="dpo", purpose="dsar", roles=roles))
     want = batch.column(batch.schema.get_field_index("ssn"))
     assert table.column("ssn").combine_chunks().equals(want)  # ... the manifest carried it
+
+
+def test_no_key_bytes_in_logs(customers_schema, runtime, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    pol = _policy(customers_schema, ssn="encrypt", email={"action": "encrypt", "deterministic": True})
+    ctx = ActionContext(runtime)
+    protect_batch(_batch(customers_schema, 20), pol, ctx)
+    ks = ctx.keys
+    ks.rotate()
+    for rec in ks.wrapped_keys_used():
+        ks.rewrap_record(rec)
+    text = caplog.text
+    for secret in all_key_bytes(ks):
+        assert secret.hex() not in text and kr.b64e(secret) not in text and repr(secret) not in text
+
+
+def test_decrypt_table_restores_nested_encrypted_leaf(runtime):
+    import json
+
+    from cloakbeam.keys.cells import encrypt_column
+    from cloakbeam.keys.decrypt import decrypt_table, encrypted_columns
+
+    ks = open_key_service(runtime.keys)
+    zips = pa.array(["12345", None, "99999"])
+    cells = encrypt_column(zips, ks.data_key("customers", "address.zip"), dataset="customers", column="address.zip")
+    meta = {b"cloakbeam.action": json.dumps({"action": "encrypt", "type": "string"}).encode()}
+    address_t = pa.struct([pa.field("city", pa.string()), pa.field("zip", pa.binary(), metadata=meta)])
+    address = pa.StructArray.from_arrays([pa.array(["A", "B", None]), cells], fields=list(address_t), mask=pa.array([False, False, True]))
+    table = pa.table({"address": address}, schema=pa.schema([pa.field("address", address_t)], metadata={b"cloakbeam.dataset": b"customers"}))
+    assert list(encrypted_columns(table.schema)) == ["address.zip"]
+    out = decrypt_table(table, ks, ks.wrapped_keys_used())
+    assert out.column("address").to_pylist() == [{"city": "A", "zip": "12345"}, {"city": "B", "zip": None}, None]

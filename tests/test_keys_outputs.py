@@ -131,7 +131,7 @@ def test_tampered_cell_names_file_column_and_row(run):
     assert any(f.name in p for p in verify_output(run["out"]))
 
 
-@pytest.mark.parametrize("target", ["data", "manifest", "quarantine"])
+@pytest.mark.parametrize("target", ["data", "manifest", "quarantine", "signature"])
 def test_verify_names_what_changed_after_any_byte_flip(run, target, capsys):
     out = run["out"]
     if target == "data":
@@ -141,20 +141,24 @@ def test_verify_names_what_changed_after_any_byte_flip(run, target, capsys):
         qs = [q for q in qs if q.is_file()]
         assert qs, "the dirty input should have produced quarantine entries"
         f = qs[0]
+    elif target == "signature":
+        f = out / "manifest.json.sig"
     else:
         f = out / "manifest.json"
     data = bytearray(f.read_bytes())
-    for pos in (0, len(data) // 2, len(data) - 1):
+    positions = sorted({0, len(data) - 1, *range(0, len(data), max(1, len(data) // 40))})
+    for pos in positions:
         flipped = bytearray(data)
         flipped[pos] ^= 0x01
         f.write_bytes(bytes(flipped))
         problems = verify_output(out)
-        assert problems and any(f.name in p for p in problems), (pos, problems)
+        named = "manifest.json" if target == "signature" else f.name  # a bad signature file condemns the manifest
+        assert problems and any(named in p for p in problems), (pos, problems)
     f.write_bytes(bytes(data))
     assert verify_output(out) == []
     f.write_bytes(bytes(data[:-1]))
     assert main(["verify", str(out)]) == 1
-    assert f.name in capsys.readouterr().err
+    assert ("manifest.json" if target == "signature" else f.name) in capsys.readouterr().err
 
 
 def test_verify_detects_extra_file_and_foreign_signer(run, tmp_path):
