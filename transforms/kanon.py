@@ -106,7 +106,9 @@ def frequency_set(columns: Mapping[str, pa.Array], spec: KAnonSpec) -> pa.Table:
         data["s"] = _sensitive_values(_column(columns, spec.sensitive))
     table = pa.table(data)
     out = table.group_by(list(data), use_threads=False).aggregate([([], "count_all")])
-    return out.rename_columns(list(data) + ["n"])
+    # combine_chunks: group_by returns chunks sliced from shared buffers, which pickle (Beam's default coder
+    # for tables) would copy whole for every chunk.
+    return out.rename_columns(list(data) + ["n"]).combine_chunks()
 
 
 def merge_frequency_sets(tables: Sequence[pa.Table]) -> pa.Table | None:
@@ -119,7 +121,7 @@ def merge_frequency_sets(tables: Sequence[pa.Table]) -> pa.Table | None:
     table = pa.concat_tables(tables, promote_options="permissive")
     keys = [c for c in table.column_names if c != "n"]
     out = table.group_by(keys, use_threads=False).aggregate([("n", "sum")])
-    return out.rename_columns(keys + ["n"])
+    return out.rename_columns(keys + ["n"]).combine_chunks()
 
 
 # =========================================================================================================

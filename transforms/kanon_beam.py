@@ -63,7 +63,12 @@ class _MergeFrequencies(beam.CombineFn):
         return []
 
     def _compact(self, acc: list[pa.Table]) -> list[pa.Table]:
-        if len(acc) > 1 and sum(t.num_rows for t in acc) > _COMPACT_ROWS:
+        # acc[0] is the merged part, the rest are pending. Merge once the pending rows outgrow both the
+        # threshold and the merged part, so the total merge work stays O(n log n) over a bundle.
+        if len(acc) < 2:
+            return acc
+        pending = sum(t.num_rows for t in acc[1:])
+        if pending > max(_COMPACT_ROWS, acc[0].num_rows):
             merged = merge_frequency_sets(acc)
             return [merged] if merged is not None else []
         return acc
@@ -76,6 +81,7 @@ class _MergeFrequencies(beam.CombineFn):
         out: list[pa.Table] = []
         for a in accs:
             out.extend(a)
+        out.sort(key=lambda t: -t.num_rows)  # largest first: it becomes the merged part
         return self._compact(out)
 
     def extract_output(self, acc: list[pa.Table]) -> pa.Table | None:

@@ -1,0 +1,165 @@
+"""Benchmark: enforce k-anonymity (k=10, 4 quasi-identifiers, l=2, 2% suppression) on N rows (default 1 M).
+
+Prints one JSON line per measurement:
+  - mode "functions": the plain functions a worker runs (per-batch frequency sets, merge, lattice search,
+    generalize + suppress per batch), single process, data already in memory;
+  - mode "beam": the `EnforceKAnonymity` PTransform on the in-process FnApiRunner (batches generated inside
+    the pipeline; the generation time, measured separately, is reported and not subtracted).
+
+Run:  .venv/bin/python -m cloakbeam.benchmarks.bench_kanon [--rows 1000000] [--batch-rows 65536] [--modes functions,beam]
+      [--qis 4|8]
+The input imitates the protect stage's output: QIs as full-detail canonical strings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from cloakbeam.transforms.generalize import Hierarchy
+from cloakbeam.transforms.kanon import KAnonSpec, QuasiIdentifier, enforce_table, frequency_set, make_plan, merge_frequency_sets
+
+DIAGNOSES = ["flu", "asthma", "diabetes", "hypertension", "migraine", "none", "back pain", "anxiety"]
+
+
+def make_spec(qis: int = 4) -> KAnonSpec:
+    q = [
+        QuasiIdentifier("date_of_birth", Hierarchy("date", ("month", "year", "decade"))),
+        QuasiIdentifier("zip", Hierarchy("prefix", (3, 1))),
+        QuasiIdentifier("gender", Hierarchy("map", (1,), groups=((("known", ("female", "male")), ("other", ("nonbinary", "unknown"))),))),
+        QuasiIdentifier("income", Hierarchy("band", (10000, 50000, 100000))),
+    ]
+    for i in range(qis - 4):
+        q.append(QuasiIdentifier(f"extra{i}", Hierarchy("band", (5, 10, 20, 50))))
+    return KAnonSpec(tuple(q[:qis]), 10, 0.02, "diagnosis", 2)
+
+
+def make_batch(index: int, rows: int, qis: int = 4) -> pa.RecordBatch:
+    """Deterministic synthetic protected batch (QIs as canonical strings, like the protect stage's output)."""
+    rng = np.random.default_rng(1000 + index)
+    zips = np.char.zfill(np.random.default_rng(7).integers(501, 99950, 2000).astype(str), 5)
+    days = rng.integers(-10957, 12784, rows)  # 1940 .. 2004
+    dob = pa.array(days.astype("datetime64[D]"), pa.date32()).cast(pa.string())
+    gender = np.array(["female", "male", "nonbinary", "unknown"])[rng.choice(4, rows, p=[0.49, 0.47, 0.03, 0.01])]
+    income = np.round(rng.lognormal(10.8, 0.5, rows), -2)
+    cols: dict[str, Any] = {
+        "date_of_birth": dob,
+        "zip": pa.array(zips[rng.integers(0, len(zips), rows)]),
+        "gender": pa.array(gender),
+        "income": pa.array(income).cast(pa.string()),
+        "diagnosis": pa.array(np.array(DIAGNOSES)[rng.integers(0, len(DIAGNOSES), rows)]),
+        "churned": pa.array(rng.random(rows) < 0.2),
+    }
+    for i in range(qis - 4):
+        cols[f"extra{i}"] = pa.array(rng.integers(0, 100, rows).astype(str))
+    return pa.RecordBatch.from_pydict(cols)
+
+
+def bench_functions(rows: int, batch_rows: int, qis: int) -> dict[str, Any]:
+    spec = make_spec(qis)
+    n_batches = -(-rows // batch_rows)
+    t = time.perf_counter()
+    batches = [make_batch(i, min(batch_rows, rows - i * batch_rows), qis) for i in range(n_batches)]
+    gen_s = time.perf_counter() - t
+    t0 = time.perf_counter()
+    freqs = [frequency_set({n: c for n, c in zip(b.schema.names, b.columns)}, spec) for b in batches]
+    t1 = time.perf_counter()
+    merged = merge_frequency_sets(freqs)
+    t2 = time.perf_counter()
+    plan = make_plan(merged, spec)
+    t3 = time.perf_counter()
+    released = suppressed = 0
+    for b in batches:
+        out, s = enforce_table(b, spec, plan)
+        released += out.num_rows
+        suppressed += s
+    t4 = time.perf_counter()
+    rep = plan.report
+    return {
+        "bench": "kanon", "mode": "functions", "rows": rows, "qis": qis, "k": spec.k, "l": spec.l,
+        "batch_rows": batch_rows, "seconds": round(t4 - t0, 3), "count_s": round(t1 - t0, 3), "merge_s": round(t2 - t1, 3),
+        "search_s": round(t3 - t2, 3), "apply_s": round(t4 - t3, 3), "generate_s": round(gen_s, 3),
+        "frequency_rows": merged.num_rows if merged is not None else 0, "lattice_nodes": rep["lattice_nodes"],
+        "nodes_evaluated": rep["nodes_evaluated"], "levels": {p: v["name"] for p, v in rep["levels"].items()},
+        "released": released, "suppressed": suppressed, "k_achieved": rep["k_achieved"], "l_achieved": rep["l_achieved"],
+        "rows_per_s": round(rows / (t4 - t0)), "python": platform.python_version(),
+    }
+
+
+def bench_beam(rows: int, batch_rows: int, qis: int) -> dict[str, Any]:
+    import apache_beam as beam
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    from cloakbeam.pipeline.stats import RunStats
+    from cloakbeam.transforms.kanon_beam import EnforceKAnonymity
+
+    spec = make_spec(qis)
+    n_batches = -(-rows // batch_rows)
+    sizes = [min(batch_rows, rows - i * batch_rows) for i in range(n_batches)]
+    t = time.perf_counter()
+    for i, s in enumerate(sizes):
+        make_batch(i, s, qis)
+    gen_s = time.perf_counter() - t
+
+    import os
+    import tempfile
+
+    fd, summary_path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+
+    t0 = time.perf_counter()
+    with beam.Pipeline(runner=FnApiRunner()) as p:
+        out = (
+            p
+            | beam.Create(list(enumerate(sizes)))
+            | "Generate" >> beam.MapTuple(lambda i, s: make_batch(i, s, qis))
+            | "EnforceKAnonymity" >> EnforceKAnonymity(spec)
+        )
+        # A tiny summary per element, merged and written to a temp file (the data itself is not collected).
+        _ = (
+            out
+            | beam.Map(lambda e: e if isinstance(e, RunStats) else RunStats(counts={"released": e.num_rows}))
+            | beam.CombineGlobally(lambda xs: RunStats.merged(xs))
+            | beam.Map(_write_summary, summary_path)
+        )
+    seconds = time.perf_counter() - t0
+    with open(summary_path) as fh:
+        result = json.load(fh)
+    os.unlink(summary_path)
+    rep = result.get("report", {})
+    return {
+        "bench": "kanon", "mode": "beam", "runner": "FnApiRunner (in-process)", "rows": rows, "qis": qis, "k": spec.k,
+        "l": spec.l, "batch_rows": batch_rows, "seconds": round(seconds, 3), "generate_s_included": round(gen_s, 3),
+        "released": result.get("released"), "suppressed": result.get("suppressed"),
+        "levels": {p: v["name"] for p, v in rep.get("levels", {}).items()}, "k_achieved": rep.get("k_achieved"),
+        "search_s": rep.get("search_seconds"), "rows_per_s": round(rows / seconds), "python": platform.python_version(),
+    }
+
+
+def _write_summary(stats: Any, path: str) -> None:
+    with open(path, "w") as fh:
+        json.dump({"released": stats.counts["released"], "suppressed": stats.counts["suppressed"],
+                   "report": stats.extra.get("k_anonymity", {})}, fh)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--batch-rows", type=int, default=65_536)
+    ap.add_argument("--qis", type=int, default=4, help="4, or more to add numeric QIs (search at 8+ QIs)")
+    ap.add_argument("--modes", default="functions,beam")
+    args = ap.parse_args(argv)
+    for mode in args.modes.split(","):
+        fn = {"functions": bench_functions, "beam": bench_beam}[mode.strip()]
+        print(json.dumps(fn(args.rows, args.batch_rows, args.qis)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
