@@ -15,10 +15,10 @@ not reversible by design (reversal belongs to the token vault).
 Collision rate. A kind has an effective space of S combinations (`SurrogateGenerator.space()`); for n
 distinct inputs the chance that a given input shares its surrogate with another is about 1 - exp(-(n-1)/S).
 The share of distinct surrogates lost, 1 - distinct outputs / n, is about n / (2 S). With the en_US pools
-(Faker 40): name S = 648 first x 18 initials x 972 last ≈ 1.13e7, so among 100 000 distinct names ≈ 0.9 %
-share a surrogate with another and ≈ 0.44 % of surrogates are lost (measured 0.43 %, see the benchmark);
-e-mail S ≈ 3.4e9; phone S ≈ 4.1e7 (4 095 Faker prefixes x 10 000 line numbers); address S ≈ 1.7e7;
-first_name, last_name, city and company are single pools (648 to 3 744 values): labels, not identities.
+(Faker 40): name S = 690 first x 18 initials x 1 000 last ≈ 1.24e7, so among 100 000 distinct names ≈ 0.8 %
+share a surrogate with another and ≈ 0.4 % of surrogates are lost (see the benchmark line pseudonymize.collisions);
+e-mail S ≈ 3.4e9; phone S ≈ 4.1e7 (≈ 4 100 Faker prefixes x 10 000 line numbers); address S ≈ 1.7e7;
+first_name, last_name, city and company are single pools (690 to 3 744 values): labels, not identities.
 `benchmarks/bench_classify_mask.py` measures it. Collisions never merge records (surrogates are labels,
 not keys); use `tokenize` when joins must be exact.
 
@@ -52,6 +52,14 @@ def _pool(part: str, locale: str) -> pa.Array:
 
     fake = Faker(locale)
     fake.seed_instance(_SEED)
+    if part in ("first", "last"):
+        # The person provider's own name lists (all of them, sorted): no draws needed, and the pool is the full
+        # list rather than whatever a few thousand weighted draws happen to reach.
+        attr = "first_names" if part == "first" else "last_names"
+        for provider in fake.providers:
+            names = getattr(provider, attr, None)
+            if names:
+                return pa.array(sorted({str(n) for n in names if str(n).strip()}), type=pa.string())
     draws, make = {
         "first": (8192, fake.first_name),
         "last": (8192, fake.last_name),
