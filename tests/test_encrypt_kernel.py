@@ -228,3 +228,31 @@ def test_one_nonce_draw_per_call(ks, monkeypatch):
     monkeypatch.setattr(cells.os, "urandom", counting)
     cells.encrypt_column(pa.array(["a"] * 50 + [None]), k, dataset="customers", column="ssn")
     assert calls == [12 * 50]
+
+
+@pytest.fixture(scope="module")
+def module_ks(tmp_path_factory):
+    return open_dev(tmp_path_factory.mktemp("prop"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    value=st.binary(max_size=64),
+    det=st.booleans(),
+    edits=st.lists(st.tuples(st.integers(min_value=0, max_value=10_000), st.integers(min_value=1, max_value=255)), min_size=1, max_size=4),
+    cut=st.one_of(st.none(), st.integers(min_value=0, max_value=200)),
+)
+def test_any_altered_cell_is_rejected_never_misdecrypted(module_ks, value, det, edits, cut):
+    """Property: any change to a cell (XOR edits at any positions, optionally a truncation) raises."""
+    ks = module_ks
+    k = ks.data_key("customers", "notes", deterministic=det)
+    cell = cells.encrypt_column(pa.array([value], pa.binary()), k, dataset="customers", column="notes")[0].as_py()
+    bad = bytearray(cell)
+    for pos, x in edits:
+        bad[pos % len(bad)] ^= x
+    if cut is not None and cut < len(bad):
+        bad = bad[:cut]
+    if bytes(bad) == cell:
+        return  # edits cancelled out
+    with pytest.raises((IntegrityError, KeyAccessError)):
+        cells.decrypt_column(pa.array([bytes(bad)], pa.binary()), ks.key_lookup(ks.wrapped_keys_used()), dataset="customers", column="notes")
