@@ -180,12 +180,12 @@ def infer_class(path: str, arrow_type: pa.DataType, declared: str | None = None,
     best = max(_DETECTOR_PRIORITY, key=lambda d: (profile.rate(d), -_DETECTOR_PRIORITY.index(d)))
     rate = profile.rate(best)
     if rate >= 0.8:
-        det_cls = DETECTORS[best].data_class
-        if best == "DATE":
-            det_cls = "DATE_OF_BIRTH" if hint == "DATE_OF_BIRTH" else "OTHER"
-        if best == "POSTAL_CODE" and hint not in ("POSTAL_CODE", None):
-            det_cls = hint  # five-digit numbers are only zips when nothing says otherwise
-        return Inference(det_cls, round(rate, 3), "detector" if det_cls == DETECTORS[best].data_class else "detector + name hint", ev)
+        det_cls, source = DETECTORS[best].data_class, "detector"
+        if best == "DATE":  # a date is a birth date only when the name says so
+            det_cls, source = ("DATE_OF_BIRTH", "detector + name hint") if hint == "DATE_OF_BIRTH" else ("OTHER", "detector")
+        elif best == "POSTAL_CODE" and hint not in ("POSTAL_CODE", None):
+            det_cls, source = hint, "detector + name hint"  # five-digit numbers are zips only when nothing says otherwise
+        return Inference(det_cls, round(rate, 3), source, ev)
     if hint:
         return Inference(hint, 0.6, "name hint", ev)
     n = profile.nonnull
