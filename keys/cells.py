@@ -16,13 +16,15 @@ value (integers, floats, dates, timestamps, booleans as one byte) its little-end
 The kernel (`encrypt_column` / `decrypt_column`) is the only place that loops over cells. It builds the
 output from buffers: offsets by numpy cumsum, headers and nonces written by numpy scatter, one `os.urandom`
 draw for all nonces of the call, and one `encrypt_into` per cell writing straight into the output buffer
-(the per-cell AEAD call is the irreducible cost in Python; a native kernel can replace `_gcm_encrypt_loop`
-and friends without changing any caller). Nothing here logs, and errors name column and row, never content.
+(the per-cell AEAD call is the irreducible cost in Python; a native kernel can replace the four loops of
+`PYTHON_KERNEL` through `use_kernel(Kernel(...))` without changing any caller). Nothing here logs, and
+errors name column and row, never content.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import numpy as np
@@ -146,7 +148,7 @@ def encrypt_column(arr: pa.Array | pa.ChunkedArray, key, *, dataset: str, column
     if not key.deterministic:
         header[:, 1 + KEY_ID_LEN :] = np.frombuffer(os.urandom(NONCE_LEN * len(idx)), dtype=np.uint8).reshape(-1, NONCE_LEN)
     out[cell_start[:, None] + np.arange(hlen)] = header
-    loop = _siv_encrypt_loop if key.deterministic else _gcm_encrypt_loop
+    loop = _KERNEL.siv_encrypt if key.deterministic else _KERNEL.gcm_encrypt
     loop(key.aead, aad, data, start[idx], end[idx], out, cell_start)
     return pa.Array.from_buffers(
         pa.binary(),
@@ -198,6 +200,34 @@ def _siv_decrypt_loop(aead, aad: bytes, data: memoryview, start: np.ndarray, end
         except InvalidTag:
             return r
     return None
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """The per-cell inner loops. Each receives the AEAD object, the associated data, the input buffer, the
+    cells' start/end offsets, the output buffer and where each cell goes; decrypt loops return the row index
+    of the first cell failing authentication (or None). Replace with `use_kernel` (e.g. a native build)."""
+
+    name: str
+    gcm_encrypt: Callable[..., None]
+    siv_encrypt: Callable[..., None]
+    gcm_decrypt: Callable[..., int | None]
+    siv_decrypt: Callable[..., int | None]
+
+
+PYTHON_KERNEL = Kernel("python", _gcm_encrypt_loop, _siv_encrypt_loop, _gcm_decrypt_loop, _siv_decrypt_loop)
+_KERNEL = PYTHON_KERNEL
+
+
+def use_kernel(kernel: Kernel) -> Kernel:
+    """Install `kernel` for every encrypt_column/decrypt_column call in this process; returns the previous one."""
+    global _KERNEL
+    previous, _KERNEL = _KERNEL, kernel
+    return previous
+
+
+def current_kernel() -> Kernel:
+    return _KERNEL
 
 
 def cell_key_ids(arr: pa.Array) -> set[bytes]:
@@ -279,7 +309,7 @@ def decrypt_column(
             if bool(key.deterministic) != (v == CELL_SIV):
                 raise IntegrityError(f"column '{column}', row {int(rows[0]) + row_offset}: cell mode does not match its key")
             aad = cell_aad(v, kid, dataset, column)
-            loop = _siv_decrypt_loop if v == CELL_SIV else _gcm_decrypt_loop
+            loop = _KERNEL.siv_decrypt if v == CELL_SIV else _KERNEL.gcm_decrypt
             bad_row = loop(key.aead, aad, data, start[rows], end[rows], out, plain_offsets[rows], rows)
             if bad_row is not None:
                 raise IntegrityError(

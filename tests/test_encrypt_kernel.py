@@ -256,3 +256,27 @@ def test_any_altered_cell_is_rejected_never_misdecrypted(module_ks, value, det, 
         return  # edits cancelled out
     with pytest.raises((IntegrityError, KeyAccessError)):
         cells.decrypt_column(pa.array([bytes(bad)], pa.binary()), ks.key_lookup(ks.wrapped_keys_used()), dataset="customers", column="notes")
+
+
+def test_kernel_is_replaceable_without_changing_callers(ks):
+    calls = []
+
+    def wrap(fn, name):
+        def inner(*a):
+            calls.append(name)
+            return fn(*a)
+
+        return inner
+
+    k = cells.PYTHON_KERNEL
+    counting = cells.Kernel("counting", wrap(k.gcm_encrypt, "ge"), wrap(k.siv_encrypt, "se"), wrap(k.gcm_decrypt, "gd"), wrap(k.siv_decrypt, "sd"))
+    prev = cells.use_kernel(counting)
+    try:
+        assert cells.current_kernel() is counting
+        arr = pa.array(["a", "b"])
+        for det in (False, True):
+            _, enc = _enc(ks, arr, column="c", deterministic=det)
+            assert _dec(ks, enc, column="c").equals(arr)
+    finally:
+        cells.use_kernel(prev)
+    assert calls == ["ge", "gd", "se", "sd"] and cells.current_kernel() is cells.PYTHON_KERNEL
