@@ -215,3 +215,16 @@ def test_date_shift_and_pseudonym_scrub_require_keys():
     policy = _policy({"id": "drop", "comment": {"action": "scrub", "mode": "pseudonym"}})
     assert policy.requires() == {"keys"}
     assert _policy({"id": "drop", "comment": {"action": "scrub"}}).requires() == set()
+
+
+def test_capped_phone_rate_uses_the_rows_actually_examined(tmp_path):
+    schema = schema_from_dict({"type": "record", "name": "P", "fields": [{"name": "tel", "type": "string"}]})
+    policy = compile_policy({"version": 1, "fields": {"tel": {"action": "mask", "method": "phone"}}, "classification": {"phone_sample": 5}}, schema)
+    ctx = make_ctx(tmp_path / "k.json")
+    big = pa.RecordBatch.from_pydict({"tel": ["212-555-0143"] * 50}, schema=schema.arrow)  # capped: 5 of 50 examined
+    small = pa.RecordBatch.from_pydict({"tel": ["212-555-0143", "nope", "x", "y"]}, schema=schema.arrow)  # not capped
+    protect_batch(big, policy, ctx)
+    protect_batch(small, policy, ctx)
+    report = policy.sections["classification"].report(RunStats(fields=ctx.stats))
+    assert ctx.stats["classify.tel.PHONE.examined"] == 5 + 4
+    assert report["fields"]["tel"]["detectors"]["PHONE"] == {"values": 6, "rate": round(6 / 9, 4)}

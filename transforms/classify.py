@@ -331,7 +331,7 @@ def profile_column_counts(column: pa.Array, phone_sample: int | None, detectors:
         ev = evaluate(name, strings, max_validate=phone_sample)
         prof.hits[name] = ev.full_hits
         prof.contains[name] = ev.contains_hits
-        if ev.examined != prof.nonnull:
+        if DETECTORS[name].per_value:  # capped detectors always report their own denominator
             prof.examined[name] = ev.examined
     return prof
 
