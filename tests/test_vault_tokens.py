@@ -78,3 +78,16 @@ def test_tokenizer_refuses_pickling() -> None:
 
     with pytest.raises(TypeError):
         pickle.dumps(Tokenizer(KEY, TokenFormat()))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(max_size=30), min_size=1, max_size=20), st.integers(0, 3))
+def test_vectorized_base32_matches_reference_encoder(values: list[str], counter: int) -> None:
+    fmt = TokenFormat("opaque", prefix="p_")
+    tk = Tokenizer(KEY, fmt)
+    expected = []
+    for v in values:
+        mac = hmac.new(KEY, counter.to_bytes(4, "big") + v.encode(), hashlib.sha256).digest()
+        expected.append(fmt.render(mac, v))
+    assert tk.tokens(values, [counter] * len(values)) == expected
+    assert tk.tokens([]) == []
