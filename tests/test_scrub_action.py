@@ -144,3 +144,21 @@ def test_a_linked_value_never_survives_on_word_boundaries(value, before, after):
     text = f"{before}{value}{after} and again {value.upper()}"
     out = make_action("scrub", "notes", link=["internal_ref"], detectors=[]).apply(pa.array([text]), {"internal_ref": pa.array([value])}, ctx)
     assert value.strip().lower() not in out[0].as_py().lower()
+
+
+def test_overlapping_spans_merge_so_no_fragment_survives():
+    from cloakbeam.transforms.scrub import _outermost
+
+    assert _outermost([(0, 10, "A"), (2, 5, "B"), (0, 10, "C")]) == [(0, 10, "A")]
+    assert _outermost([(0, 10, "A"), (8, 20, "B")]) == [(0, 20, "B")]
+    assert _outermost([(5, 9, "A"), (0, 3, "B"), (9, 12, "C")]) == [(0, 3, "B"), (5, 9, "A"), (9, 12, "C")]
+
+
+def test_partially_overlapping_linked_value_and_detector_span(tmp_path):
+    ctx = make_ctx(tmp_path / "k.json")
+    # The linked reference overlaps the start of the e-mail address: the union is replaced.
+    out = make_action("scrub", "notes", link=["internal_ref"]).apply(
+        pa.array(["ref AB12 a@b.example"]), {"internal_ref": pa.array(["AB12 a"])}, ctx
+    )
+    text = out[0].as_py()
+    assert "AB12" not in text and "a@b.example" not in text and "b.example" not in text

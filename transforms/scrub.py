@@ -157,7 +157,7 @@ class Scrub(Action):
         out = list(texts)
         counts: dict[str, int] = {}
         for i, found in spans.items():
-            # Drop duplicates and spans inside another span here (cheap) so presidio resolves only real overlaps.
+            # Resolve duplicates, containment and overlaps here (cheap); presidio then replaces disjoint spans.
             results = [RecognizerResult(entity_type=t, start=s, end=e, score=1.0) for s, e, t in _outermost(found)]
             try:
                 res = engine.anonymize(text=texts[i], analyzer_results=results, operators=operators)
@@ -211,17 +211,22 @@ def _needles(value: Any, typ: str, name_parts: bool) -> list[tuple[str, str]]:
 
 
 def _outermost(found: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
-    """Spans not contained in another span (linked values first win ties, as they are listed first)."""
+    """Non-overlapping spans covering every found span: contained spans are dropped and partial overlaps are
+    merged into their union (typed as the longer part), so no fragment of a value survives between two spans.
+    On equal starts the longer span wins; on identical spans the first listed (linked values) wins."""
     order = sorted(range(len(found)), key=lambda k: (found[k][0], -found[k][1], k))
-    out: list[tuple[int, int, str]] = []
-    reach = -1
+    out: list[list] = []
     for k in order:
         s, e, t = found[k]
-        if e <= reach:
+        if out and s < out[-1][1]:
+            last = out[-1]
+            if e > last[1]:
+                if e - s > last[1] - last[0]:
+                    last[2] = t
+                last[1] = e
             continue
-        out.append((s, e, t))
-        reach = max(reach, e)
-    return out
+        out.append([s, e, t])
+    return [(s, e, t) for s, e, t in out]
 
 
 def _occurrences(text: str, lowered: str, needle: str) -> list[tuple[int, int]]:
