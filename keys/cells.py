@@ -124,6 +124,8 @@ def encrypt_column(arr: pa.Array | pa.ChunkedArray, key, *, dataset: str, column
     """
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
     n = len(arr)
     start, end, data, valid = _plain_view(arr)
     lengths = np.where(valid, end - start, 0)
@@ -319,6 +321,13 @@ def decrypt_column(
     return _rebuild(out, plain_offsets, valid, value_type, column, row_offset)
 
 
+def _validate_utf8(result: pa.Array, column: str) -> None:
+    try:
+        result.validate(full=True)
+    except pa.ArrowInvalid:  # Arrow's message may quote bytes: replace it
+        raise IntegrityError(f"column '{column}': decrypted values are not valid UTF-8 (wrong recorded type)") from None
+
+
 def _rebuild(out: np.ndarray, offsets: np.ndarray, valid: np.ndarray, t: pa.DataType, column: str, row_offset: int) -> pa.Array:
     n = len(valid)
     validity = _validity_buffer(valid)
@@ -329,12 +338,12 @@ def _rebuild(out: np.ndarray, offsets: np.ndarray, valid: np.ndarray, t: pa.Data
         else:
             result = pa.Array.from_buffers(t, n, [validity, pa.py_buffer(offsets.astype(np.int32).tobytes()), pa.py_buffer(out)], null_count=nulls)
             if pa.types.is_string(t):
-                result.validate(full=True)
+                _validate_utf8(result, column)
             return result
     if pa.types.is_large_string(t) or pa.types.is_large_binary(t):
         result = pa.Array.from_buffers(t, n, [validity, pa.py_buffer(offsets.tobytes()), pa.py_buffer(out)], null_count=nulls)
         if pa.types.is_large_string(t):
-            result.validate(full=True)
+            _validate_utf8(result, column)
         return result
     target = t
     if pa.types.is_boolean(t):

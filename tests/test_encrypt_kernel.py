@@ -280,3 +280,13 @@ def test_kernel_is_replaceable_without_changing_callers(ks):
     finally:
         cells.use_kernel(prev)
     assert calls == ["ge", "gd", "se", "sd"] and cells.current_kernel() is cells.PYTHON_KERNEL
+
+
+def test_dictionary_input_and_bad_utf8_restore(ks):
+    arr = pa.array(["x", "y", "x", None]).dictionary_encode()
+    _, enc = _enc(ks, arr)
+    assert _dec(ks, enc).to_pylist() == ["x", "y", "x", None]
+    _, enc = _enc(ks, pa.array([b"\xff\xfe secret"], pa.binary()))
+    with pytest.raises(IntegrityError, match="not valid UTF-8") as ei:
+        _dec(ks, enc, value_type=pa.string())
+    assert "secret" not in str(ei.value) and "\\xff" not in str(ei.value)
