@@ -111,7 +111,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     if not ref.path:
         raise ConfigError("no keyring path; pass --keyring FILE or configure keys.path")
     params = dict(ref.params)
-    init_keyring(ref.path, provider=ref.provider, protection=args.protect, env=args.env, scrypt_n=args.scrypt_n, params=params)
+    try:
+        init_keyring(ref.path, provider=ref.provider, protection=args.protect, env=args.env, scrypt_n=args.scrypt_n, params=params)
+    except KeyAccessError as exc:  # missing passphrase/token, unreachable KMS: nothing was written
+        raise ConfigError(str(exc)) from None
     if args.protect == "dev" and ref.provider == "local":
         print("cloakbeam: WARNING: created an UNPROTECTED development keyring; never use it for real data", file=sys.stderr)
     print(f"created keyring {ref.path} (provider {ref.provider}, KEK 'default' version 1)")

@@ -85,3 +85,10 @@ def test_decrypt_and_verify_usage_errors(state, tmp_path, capsys):
     with pytest.raises(SystemExit) as ei:
         main(["decrypt", str(out)])  # --out, --role, --purpose are required
     assert ei.value.code == 2
+
+
+def test_init_without_passphrase_exit_2_and_writes_nothing(state, monkeypatch, capsys):
+    monkeypatch.delenv("CLOAKBEAM_KEYRING_PASSPHRASE", raising=False)
+    assert main(["keys", "init"]) == 2
+    assert "CLOAKBEAM_KEYRING_PASSPHRASE" in capsys.readouterr().err
+    assert not (state / "keyring.json").exists()
