@@ -47,9 +47,56 @@ def _runner_class() -> type:
             problems = dask_shape_problems(pipeline)
             if problems:
                 raise ConfigError("this pipeline would run incorrectly on the DaskRunner: " + "; ".join(problems))
-            result = super().run_pipeline(pipeline, options)
+            result = self._run_with_materialized_side_inputs(pipeline, options)
             self.results.append(result)
             return result
+
+        def _run_with_materialized_side_inputs(self, pipeline: Any, options: Any) -> Any:
+            """DaskRunner.run_pipeline, except that side inputs are computed on the cluster first and handed to
+            their consumers as plain lists.
+
+            Beam's DaskRunner evaluates a side input lazily inside every task that reads it (a nested compute
+            from the worker), which re-serializes the graph there: that fails as soon as a DoFn holds anything
+            unpicklable after setup() (a socket, a key service), and recomputes the side input per partition.
+            """
+            import dask
+            import dask.distributed as ddist
+            from apache_beam.runners.dask.dask_runner import DaskOptions, DaskRunnerResult
+            from apache_beam.runners.dask.overrides import dask_overrides
+
+            dask_options = options.view_as(DaskOptions).get_all_options(drop_default=True, current_only=True)
+            bag_kwargs = DaskOptions._extract_bag_kwargs(dask_options)
+            client = ddist.Client(**dask_options)
+            try:
+                pipeline.replace_all(dask_overrides())
+                base = type(self.to_dask_bag_visitor(bag_kwargs))
+
+                class MaterializingVisitor(base):  # type: ignore[misc, valid-type]
+                    def visit_transform(self, node: Any) -> None:
+                        swapped = {}
+                        mains = {pc.producer for pc in node.inputs if hasattr(pc, "producer")}
+                        for si in node.side_inputs:
+                            producer = si.pvalue.producer
+                            if producer in swapped or producer not in self.bags:
+                                continue
+                            if producer in mains:
+                                raise ConfigError(f"step '{node.full_label}' reads the same collection as main and side input, which the DaskRunner cannot run")
+                            (graph,) = dask.optimize(self.bags[producer])
+                            swapped[producer] = self.bags[producer]
+                            self.bags[producer] = list(client.compute(graph).result())
+                        try:
+                            super().visit_transform(node)
+                        finally:
+                            self.bags.update(swapped)
+
+                visitor = MaterializingVisitor(bag_kwargs=bag_kwargs) if "bag_kwargs" in getattr(base, "__dataclass_fields__", {}) else MaterializingVisitor()
+                pipeline.visit(visitor)
+                opt_graph = dask.optimize(list(visitor.bags.values())[-1])
+                futures = client.compute(opt_graph)
+            except BaseException:
+                client.close()
+                raise
+            return DaskRunnerResult(client, futures)
 
         def close_clients(self) -> None:
             while self.results:

@@ -98,3 +98,16 @@ def comparable_manifest(m: dict[str, Any]) -> dict[str, Any]:
         "fields": m["fields"],
         "dropped_fields": m["dropped_fields"],
     }
+
+
+
+import apache_beam as _beam
+
+
+class PidDoFn(_beam.DoFn):
+    """Tags each element with the id of the process that handled it (importable, so workers can unpickle it)."""
+
+    def process(self, element):
+        import os
+
+        yield (element, os.getpid())
