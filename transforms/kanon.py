@@ -140,9 +140,9 @@ class NodeResult:
 def _distinct_per_class(cls: np.ndarray, ncls: int, sens: np.ndarray, n_sens: int) -> np.ndarray:
     """Number of distinct sensitive codes per class (presence bitmap when small, else a sort)."""
     if ncls * n_sens <= 1 << 25:
-        present = np.zeros(ncls * n_sens, np.bool_)
-        present[cls * n_sens + sens] = True
-        return present.reshape(ncls, n_sens).sum(axis=1)
+        present = np.zeros((n_sens, ncls), np.bool_)  # sensitive-major: the sum runs along contiguous rows
+        present[sens, cls] = True
+        return present.sum(axis=0, dtype=np.int32)
     pairs = np.sort(cls * n_sens + sens)
     firsts = pairs[np.r_[True, pairs[1:] != pairs[:-1]]] if len(pairs) else pairs
     return np.bincount(firsts // n_sens, minlength=ncls)
@@ -151,6 +151,21 @@ def _distinct_per_class(cls: np.ndarray, ncls: int, sens: np.ndarray, n_sens: in
 def _compress(key: np.ndarray) -> tuple[np.ndarray, int]:
     uniq, inv = np.unique(key, return_inverse=True)
     return inv.astype(np.int64).reshape(-1), len(uniq)
+
+
+class _View:
+    """Rows of a (possibly projected) frequency set: level-0 value index per QI, counts, sensitive codes."""
+
+    def __init__(self, idx: dict[int, np.ndarray], counts: np.ndarray, sens: np.ndarray, rows: int) -> None:
+        self.idx, self.counts, self.sens, self.rows = idx, counts, sens, rows
+        self._codes: dict[tuple[int, int], np.ndarray] = {}
+
+    def row_codes(self, codes: list[list[np.ndarray]], i: int, level: int) -> np.ndarray:
+        hit = self._codes.get((i, level))
+        if hit is None:
+            hit = codes[i][level][self.idx[i]]
+            self._codes[(i, level)] = hit
+        return hit
 
 
 class Lattice:
@@ -221,7 +236,10 @@ class Lattice:
             self._sens = np.zeros(n_rows, np.int64)
             self._n_sens = 1
         self._cache: dict[tuple[int, ...], NodeResult] = {}
-        self._row_code_cache: dict[tuple[int, int], np.ndarray] = {}
+        self._full: _View | None = None
+        self._views: dict[frozenset[int], _View] = {}
+        #: Nested QI sets (set by the search from its QI order) whose projections evaluations may use.
+        self.chain: list[frozenset[int]] = []
         self.evaluations = 0
 
     # -- geometry ---------------------------------------------------------------------------------------
@@ -244,16 +262,49 @@ class Lattice:
         return round(sum(self.level_loss[i][lv] for i, lv in enumerate(node)) / len(node), 12)
 
     # -- evaluation -------------------------------------------------------------------------------------
-    def _row_codes(self, i: int, level: int) -> np.ndarray:
-        hit = self._row_code_cache.get((i, level))
-        if hit is None:
-            hit = self._codes[i][level][self._idx[i]]
-            self._row_code_cache[(i, level)] = hit
-        return hit
+    def _full_view(self) -> "_View":
+        if self._full is None:
+            self._full = _View(dict(enumerate(self._idx)), self.counts, self._sens, self.rows)
+        return self._full
 
-    def classes(self, node: Sequence[int]) -> tuple[np.ndarray, int]:
-        """Class id per frequency-set row and the number of classes at `node`."""
+    def _view(self, active: frozenset[int]) -> "_View":
+        """The frequency set projected on the QIs not at their top level (exact: a QI at '*' splits nothing).
+
+        Nodes with several QIs at '*' are evaluated on far fewer rows; the search visits nodes whose unassigned
+        QIs are at the top, so the projections it needs form a short chain."""
+        for chain_set in self.chain:
+            if active <= chain_set:
+                active = chain_set
+                break
+        else:
+            return self._full_view()
+        if len(active) == len(self.tops):
+            return self._full_view()
+        hit = self._views.get(active)
+        if hit is not None:
+            return hit
         key = np.zeros(self.rows, np.int64)
+        kcard = 1
+        for i in sorted(active):
+            card = max(len(self._dict[i]), 1)
+            if kcard * card >= 2**62:
+                key, kcard = _compress(key)
+            key = key * card + self._idx[i]
+            kcard *= card
+        if kcard * self._n_sens >= 2**62:
+            key, kcard = _compress(key)
+        key = key * self._n_sens + self._sens
+        _, first, inv = np.unique(key, return_index=True, return_inverse=True)
+        inv = inv.reshape(-1)
+        counts = np.bincount(inv, weights=self.counts, minlength=len(first)).astype(np.int64)
+        view = _View({i: self._idx[i][first] for i in active}, counts, self._sens[first], len(first))
+        self._views[active] = view
+        return view
+
+    def classes(self, node: Sequence[int], view: "_View | None" = None) -> tuple[np.ndarray, int]:
+        """Class id per row of `view` (default: the whole frequency set) and the number of classes at `node`."""
+        view = view or self._full_view()
+        key = np.zeros(view.rows, np.int64)
         kcard = 1
         # Finest QIs last, so the key is compressed as late (and as rarely) as possible.
         for i in sorted(range(len(node)), key=lambda j: self._cards[j][node[j]]):
@@ -263,18 +314,19 @@ class Lattice:
                 continue
             if kcard * card >= 2**62:
                 key, kcard = _compress(key)
-            key = key * card + self._row_codes(i, level)
+            key = key * card + view.row_codes(self._codes, i, level)
             kcard *= card
-        if kcard <= max(4 * self.rows, 1 << 16):
+        if kcard <= max(4 * view.rows, 1 << 16):
             return key, kcard
         return _compress(key)
 
-    def class_stats(self, node: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def class_stats(self, node: Sequence[int], view: "_View | None" = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(class id per row, size per class, distinct sensitive values per class, failing-class mask)."""
-        cls, ncls = self.classes(node)
-        sizes = np.bincount(cls, weights=self.counts, minlength=ncls).astype(np.int64)
+        view = view or self._full_view()
+        cls, ncls = self.classes(node, view)
+        sizes = np.bincount(cls, weights=view.counts, minlength=ncls).astype(np.int64)
         if self.l is not None:
-            distinct = _distinct_per_class(cls, ncls, self._sens, self._n_sens)
+            distinct = _distinct_per_class(cls, ncls, view.sens, self._n_sens)
             bad = (sizes > 0) & ((sizes < self.k) | (distinct < self.l))
         else:
             distinct = np.zeros(ncls, np.int64)
@@ -286,7 +338,8 @@ class Lattice:
         if hit is not None:
             return hit
         self.evaluations += 1
-        _, sizes, _, bad = self.class_stats(node)
+        active = frozenset(i for i, lv in enumerate(node) if lv < self.tops[i])
+        _, sizes, _, bad = self.class_stats(node, self._view(active))
         suppressed = int(sizes[bad].sum())
         res = NodeResult(node, suppressed <= self.limit, suppressed, self.loss(node))
         self._cache[node] = res
@@ -410,6 +463,8 @@ def search(lat: Lattice) -> SearchResult:
     qloss = [[lv / q for lv in row] for row in lat.level_loss]  # per-QI contribution to the mean
     floor = [lowest_feasible(list(lat.tops), i) for i in range(q)]
     order = sorted(range(q), key=lambda i: -qloss[i][floor[i]])  # most constrained QIs first
+    # Nodes visited below depth d have only order[:d] below the top: evaluate them on that projection.
+    lat.chain = [frozenset(order[:d]) for d in range(1, q)]
     rest_lb = [0.0] * (q + 1)
     for d in range(q - 1, -1, -1):
         rest_lb[d] = rest_lb[d + 1] + qloss[order[d]][floor[order[d]]]
