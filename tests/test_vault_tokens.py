@@ -91,3 +91,20 @@ def test_vectorized_base32_matches_reference_encoder(values: list[str], counter:
         expected.append(fmt.render(mac, v))
     assert tk.tokens(values, [counter] * len(values)) == expected
     assert tk.tokens([]) == []
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(alphabet="0123456789", min_size=6, max_size=19), min_size=1, max_size=30), st.integers(0, 4), st.booleans())
+def test_vectorized_digits_match_reference_renderer(values: list[str], keep: int, luhn: bool) -> None:
+    fmt = TokenFormat("digits", keep_last=keep, luhn=luhn)
+    tk = Tokenizer(KEY, fmt)
+    expected = []
+    for v in values:
+        c = 0
+        while True:
+            tok = fmt.render(hmac.new(KEY, c.to_bytes(4, "big") + v.encode(), hashlib.sha256).digest(), v)
+            if tok != v:
+                break
+            c += 1
+        expected.append(tok)
+    assert tk.tokens(values) == expected

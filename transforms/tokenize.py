@@ -107,8 +107,7 @@ class Tokenize(Action):
             return pa.nulls(len(column), pa.string())
         enc = pc.dictionary_encode(column)
         indices = enc.indices
-        raw = enc.dictionary.to_pylist()
-        norm = normalize(raw, self.domain.normalize)
+        norm = normalize(enc.dictionary, self.domain.normalize)
         fmt = self.domain.fmt
         # Distinct normalized values (two raw spellings may normalize to one value).
         slot: dict[str, int] = {}

@@ -21,25 +21,32 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 NORMALIZERS = ("none", "trim", "lower", "digits")
 _B32 = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz234567", dtype=np.uint8)
+_NP_DOUBLE = np.array([0, 2, 4, 6, 8, 1, 3, 5, 7, 9], dtype=np.int64)
+_NP_UNDOUBLE = np.argsort(_NP_DOUBLE)  # digit whose doubled Luhn contribution is the index
 
 # Luhn: the digit that, doubled, contributes d' to the sum (doubling table and its inverse).
 _DOUBLE = [0, 2, 4, 6, 8, 1, 3, 5, 7, 9]
 
 
-def normalize(values: Sequence[str], how: str) -> list[str]:
-    """Normalize values before the PRF: none | trim (strip) | lower (strip + casefold) | digits (digits only)."""
-    if how == "none":
-        return list(values)
-    if how == "trim":
-        return [v.strip() for v in values]
+def normalize(values: "Sequence[str] | pa.Array", how: str) -> list[str]:
+    """Normalize values before the PRF: none | trim (strip whitespace) | lower (trim + lower-case) | digits
+    (ASCII digits only). Vectorized with Arrow compute; the tokenize action and forget/lookup by value both
+    call this, so a value is always normalized the same way."""
+    if how not in NORMALIZERS:
+        raise ValueError(f"unknown normalization '{how}'")
+    arr = values if isinstance(values, pa.Array) else pa.array(list(values), pa.string())
+    if how in ("trim", "lower"):
+        arr = pc.utf8_trim_whitespace(arr)
     if how == "lower":
-        return [v.strip().lower() for v in values]
+        arr = pc.utf8_lower(arr)
     if how == "digits":
-        return ["".join(ch for ch in v if "0" <= ch <= "9") for v in values]
-    raise ValueError(f"unknown normalization '{how}'")
+        arr = pc.replace_substring_regex(arr, pattern="[^0-9]", replacement="")
+    return arr.to_pylist()
 
 
 def luhn_valid(digits: str) -> bool:
@@ -104,6 +111,34 @@ class TokenFormat:
         return "".join(map(str, digits))
 
 
+def _render_digits(fmt: "TokenFormat", macs: Sequence[bytes], values: Sequence[str]) -> list[str]:
+    """`fmt.render` for many digit tokens at once: the Luhn digit is solved with numpy per token length.
+    Same output as `render` (tested); the per-value part is one big-int modulo and one string concat."""
+    keep = fmt.keep_last
+    heads = []
+    for mac, v in zip(macs, values):
+        free = len(v) - keep
+        heads.append(str(int.from_bytes(mac, "big") % 10**free).zfill(free) + v[free:])
+    if not fmt.luhn:
+        return heads
+    out = list(heads)
+    by_len: dict[int, list[int]] = {}
+    for i, h in enumerate(heads):
+        by_len.setdefault(len(h), []).append(i)
+    for length, idx in by_len.items():
+        arr = (np.frombuffer("".join(heads[i] for i in idx).encode(), dtype=np.uint8).reshape(len(idx), length) - 48).astype(np.int64)
+        pos = length - keep - 1
+        doubled = (length - 1 - np.arange(length)) % 2 == 1
+        contrib = np.where(doubled, _NP_DOUBLE[arr], arr)
+        contrib[:, pos] = 0
+        need = (-contrib.sum(axis=1)) % 10
+        arr[:, pos] = _NP_UNDOUBLE[need] if doubled[pos] else need
+        text = (arr + 48).astype(np.uint8).tobytes().decode("ascii")
+        for k, i in enumerate(idx):
+            out[i] = text[k * length : (k + 1) * length]
+    return out
+
+
 class Tokenizer:
     """Token computation for one domain: holds the domain's PRF key (not picklable)."""
 
@@ -121,18 +156,24 @@ class Tokenizer:
         fmt = self.fmt
         if fmt.kind == "opaque":
             return self._opaque(values, counters)
-        out: list[str] = []
-        for i, v in enumerate(values):
-            c = counters[i] if counters is not None else 0
-            while True:
+        cs = list(counters) if counters is not None else [0] * len(values)
+        out: list[str] = [""] * len(values)
+        todo = list(range(len(values)))
+        while todo:
+            macs = []
+            for i in todo:
                 m = base.copy()
-                m.update(c.to_bytes(4, "big"))
-                m.update(v.encode())
-                tok = fmt.render(m.digest(), v)
-                if tok != v:
-                    break
-                c += 1  # a token never equals its own value (possible for very short digit formats)
-            out.append(tok)
+                m.update(cs[i].to_bytes(4, "big"))
+                m.update(values[i].encode())
+                macs.append(m.digest())
+            nxt = []
+            for i, tok in zip(todo, _render_digits(fmt, macs, [values[i] for i in todo])):
+                if tok == values[i]:  # a token never equals its own value (possible for very short formats)
+                    cs[i] += 1
+                    nxt.append(i)
+                else:
+                    out[i] = tok
+            todo = nxt
         return out
 
     def _opaque(self, values: Sequence[str], counters: Sequence[int] | None) -> list[str]:
