@@ -89,6 +89,10 @@ def prepare(settings: RunSettings) -> PreparedRun:
         open_key_service(keys).close()
     except KeyAccessError as exc:
         raise ConfigError(str(exc)) from None
+    if "vault" in policy.requires():  # token vault reachable before any data moves (vault issue)
+        from cloakbeam.vault import check_vault_ref
+
+        check_vault_ref(vault, keys)
     from cloakbeam.runners import check_runner_compatibility
 
     check_runner_compatibility(settings.runner, runtime, settings.runner_options)

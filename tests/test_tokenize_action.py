@@ -178,3 +178,27 @@ def test_reference_pipeline_tokenizes_and_detokenizes(tmp_path: Path, reference_
     assert rc == 0
     revealed = set(filter(None, pq.read_table(tmp_path / "rev").column("email").to_pylist()))
     assert revealed and revealed <= {e.strip().lower() for e in raw.column("email").to_pylist() if e}
+
+
+@pytest.mark.parametrize(
+    "vault_cfg,env,fragment",
+    [
+        ("{backend: mysql}", None, "unknown vault backend 'mysql'"),
+        ("{backend: postgres, dsn_env: CB_TEST_BAD_DSN}", "postgresql://nobody@127.0.0.1:1/none?connect_timeout=2", "environment variable CB_TEST_BAD_DSN"),
+    ],
+)
+def test_unreachable_vault_fails_at_construction(tmp_path: Path, reference_inputs: Any, monkeypatch: pytest.MonkeyPatch,
+                                                 vault_cfg: str, env: str | None, fragment: str) -> None:
+    from cloakbeam.errors import ConfigError
+    from cloakbeam.pipeline.graph import RunSettings, run_pipeline
+    from cloakbeam.tests.conftest import POLICY, SCHEMA as REF_SCHEMA
+
+    if env:
+        monkeypatch.setenv("CB_TEST_BAD_DSN", env)
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"state_dir: {tmp_path / 'state'}\nvault: {vault_cfg}\n")
+    with pytest.raises(ConfigError, match=fragment) as exc:
+        run_pipeline(RunSettings(inputs=[reference_inputs["parquet"]["path"]], schema=str(REF_SCHEMA), policy=str(POLICY),
+                                 output=str(tmp_path / "out"), progress=False, config=str(cfg)))
+    assert "nobody" not in str(exc.value)
+    assert not (tmp_path / "out" / "data").exists() or not any((tmp_path / "out" / "data").iterdir())

@@ -8,7 +8,7 @@ Public API: `open_vault(ref, key_service) -> Vault` (see `cloakbeam.vault.store`
 from cloakbeam.vault.access import VaultAccess
 from cloakbeam.vault.audit import AuditLog, audit_key
 from cloakbeam.vault.roles import RolePolicy
-from cloakbeam.vault.store import Domain, Vault, open_vault
+from cloakbeam.vault.store import Domain, Vault, check_vault_ref, open_vault
 from cloakbeam.vault.tokens import TokenFormat
 
-__all__ = ["AuditLog", "Domain", "RolePolicy", "TokenFormat", "Vault", "VaultAccess", "audit_key", "open_vault"]
+__all__ = ["AuditLog", "Domain", "RolePolicy", "TokenFormat", "Vault", "VaultAccess", "audit_key", "check_vault_ref", "open_vault"]

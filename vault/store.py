@@ -690,3 +690,26 @@ def open_vault(ref: Mapping[str, Any], key_service: Any) -> Vault:
             raise ConfigError(f"the PostgreSQL vault DSN is read from environment variable {env}, which is not set on this worker")
         return Vault(PostgresBackend(dsn, f"environment variable {env}"), key_service, cache)
     raise ConfigError(f"unknown vault backend '{backend}'; use 'sqlite' or 'postgres'")
+
+
+def check_vault_ref(ref: Mapping[str, Any], key_ref: Any) -> None:
+    """Fail at pipeline construction (ConfigError, exit 2) when the vault a run needs cannot be opened.
+
+    SQLite: opened (and created) once. PostgreSQL: connected once when the DSN variable is set here; when it is
+    not, nothing is checked, because remote workers (Flink, Dataflow) may get the variable only on their side.
+    """
+    ref = dict(ref or {})
+    if ref.get("backend", "sqlite") in ("postgres", "postgresql") and not os.environ.get(ref.get("dsn_env") or DEFAULT_DSN_ENV):
+        if "dsn" in ref:
+            raise ConfigError("the vault reference must not contain a DSN; name an environment variable with 'dsn_env'")
+        return
+    from cloakbeam.keys.service import open_key_service
+
+    try:
+        ks = open_key_service(key_ref)
+    except KeyAccessError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        open_vault(ref, ks).close()
+    finally:
+        ks.close()
