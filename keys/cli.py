@@ -60,6 +60,7 @@ def register(subparsers: Any) -> None:
     d.add_argument("input", metavar="PATH", help="output directory or one Parquet file")
     d.add_argument("--out", required=True, metavar="DIR", help="new directory for the decrypted copy (mode 0700)")
     d.add_argument("--columns", default=None, help="comma-separated encrypted column paths (default: all)")
+    d.add_argument("--quarantine", action="store_true", help="open the sealed quarantine records instead (role domain 'quarantine')")
     d.add_argument("--role", required=True, help="role named in the role policy")
     d.add_argument("--purpose", required=True, help="why (checked against the role's grants and audited)")
     d.add_argument("--roles", default=None, metavar="FILE", help="role policy YAML (default $CLOAKBEAM_ROLES or STATE_DIR/roles.yaml)")
@@ -200,6 +201,8 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
     try:
         roles = _roles(args, state)
         audit = _audit(args, state, ks)
+        if args.quarantine:
+            return _decrypt_quarantine(args, src, out, ks, roles, audit)
         cols = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
         n = 0
         out.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -209,6 +212,29 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
     finally:
         ks.close()
     print(f"decrypted {n} file(s) into {out}")
+    return 0
+
+
+def _decrypt_quarantine(args: argparse.Namespace, src: Path, out: Path, ks: Any, roles: Any, audit: Any) -> int:
+    import base64
+    import json
+
+    from cloakbeam.keys.quarantine import read_quarantine
+
+    qdir = src / "quarantine" if (src / "quarantine").is_dir() else src
+    try:
+        dataset = json.loads((src / "manifest.json").read_text())["policy"]["dataset"]
+    except Exception:
+        raise ConfigError(f"cannot read the dataset id from {src / 'manifest.json'}; point at an output directory") from None
+    # Authorize and open everything before creating any file (quarantines are small).
+    items = list(read_quarantine(qdir, ks, dataset_id=dataset, role=args.role, purpose=args.purpose, roles=roles, audit=audit))
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(out / "quarantine.jsonl", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        for entry, raw in items:
+            entry["record_base64"] = base64.b64encode(raw).decode("ascii")
+            fh.write(json.dumps(entry, sort_keys=True) + "\n")
+    print(f"opened {len(items)} quarantine record(s) into {out / 'quarantine.jsonl'}")
     return 0
 
 

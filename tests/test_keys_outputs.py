@@ -224,3 +224,19 @@ def test_wrong_keyring_gives_clear_message(run, tmp_path, monkeypatch, capsys):
     assert rc == 1
     err = capsys.readouterr().err
     assert "failed to unwrap" in err and "wrong keyring" in err
+
+
+def test_cli_opens_quarantine_for_authorized_role_only(run, capsys):
+    import base64
+
+    roles = run["state"] / "roles.yaml"
+    roles.write_text(ROLES + "  steward:\n    - {action: decrypt, domains: [quarantine], purposes: [data-quality]}\n")
+    dest = run["out"].parent / "q"
+    assert main(["decrypt", str(run["out"]), "--quarantine", "--out", str(dest), "--role", "privacy-officer", "--purpose", "dsar"]) == 1
+    assert main(["decrypt", str(run["out"]), "--quarantine", "--out", str(dest), "--role", "steward", "--purpose", "data-quality"]) == 0
+    lines = (dest / "quarantine.jsonl").read_text().splitlines()
+    sealed = sum(1 for q in (run["out"] / "quarantine").rglob("*.jsonl") for x in q.read_text().splitlines() if x.strip())
+    assert len(lines) == sealed > 0
+    first = json.loads(lines[0])
+    assert "record_sealed" not in first and base64.b64decode(first["record_base64"])
+    assert oct((dest / "quarantine.jsonl").stat().st_mode & 0o777) == "0o600"
