@@ -145,3 +145,24 @@ def test_two_runs_with_the_same_keys_give_identical_protected_columns(tmp_path):
         tables.append(sorted(zip(*(t.column(c).to_pylist() for c in cols)), key=lambda r: r[0]))
     assert tables[0] == tables[1]
     assert len(tables[0]) > 500
+
+
+def test_policy_proposed_by_classify_runs_and_leaks_nothing(tmp_path, capsys):
+    """`cloakbeam classify` on schema-less JSONL proposes a policy that, unedited, runs on the reference
+    schema and leaves no raw direct identifier in the output."""
+    from cloakbeam.pipeline.cli import main
+    from cloakbeam.schemas.generate import _pools, generate, generate_table
+
+    src = generate(tmp_path / "in.jsonl", 800, seed=21, fmt="jsonl")["path"]
+    proposed = tmp_path / "proposed.yaml"
+    assert main(["classify", "--input", src, "--out", str(proposed)]) == 0
+    capsys.readouterr()
+    manifest = run_pipeline(RunSettings(inputs=[src], schema=str(SCHEMA), policy=str(proposed), output=str(tmp_path / "out"),
+                                        progress=False, state_dir=str(tmp_path / "state")))
+    assert manifest["reconciled"] is True and manifest["counts"]["written"] == 800
+    raw = generate_table(800, 21, 0, _pools(21))
+    out = pq.read_table(tmp_path / "out" / "data")
+    text = "\n".join(str(v) for col in out.columns for v in col.to_pylist() if v is not None)
+    for col in LEAK_FIELDS:
+        for v in raw.column(col).to_pylist():
+            assert not v or v not in text, f"a raw {col} value survived the proposed policy"
