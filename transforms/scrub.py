@@ -23,7 +23,7 @@ presidio cannot process raises with the field and row index only.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -186,7 +186,7 @@ class Scrub(Action):
             ops["PERSON_NAME:last"] = OperatorConfig("custom", {"lambda": self._surrogate_fn(ctx, "last_name")})
         return ops
 
-    def _surrogate_fn(self, ctx: ActionContext, kind: str):
+    def _surrogate_fn(self, ctx: ActionContext, kind: str) -> Callable[[str], str]:
         gen = SurrogateGenerator(kind, self.options["locale"])
         key = pseudonym_key(ctx, kind)
         cache: dict[str, str] = {}
