@@ -143,16 +143,17 @@ class Mask(Action):
         if value is None:
             return pa.nulls(len(column), type=self.field.arrow_type)
         # A constant for every row, null rows included: the output must not reveal which values were missing.
-        return pa.array([value] * len(column)).cast(self.field.arrow_type)
+        return pa.repeat(pa.scalar(value).cast(self.field.arrow_type), len(column))
 
     def _partial(self, column: pa.Array, columns: Mapping[str, pa.Array], ctx: ActionContext) -> pa.Array:
         s = _as_string(column)
         first, last, char = self.options["keep_first"] or 0, self.options["keep_last"] or 0, self.options["char"]
         n = pc.utf8_length(s)
-        prefix = pc.utf8_slice_codeunits(s, 0, first) if first else pa.nulls(len(s), pa.string()).fill_null("")
-        suffix = pc.utf8_slice_codeunits(s, -last) if last else pa.nulls(len(s), pa.string()).fill_null("")
+        empty = pa.repeat(pa.scalar("", pa.string()), len(s))
+        prefix = pc.utf8_slice_codeunits(s, 0, first) if first else empty
+        suffix = pc.utf8_slice_codeunits(s, -last) if last else empty
         mid = pc.max_element_wise(pc.subtract(n, first + last), 0)
-        chars = pa.array([char] * len(s), type=pa.string())
+        chars = pa.repeat(pa.scalar(char, pa.string()), len(s))
         joined = pc.binary_join_element_wise(prefix, pc.binary_repeat(chars, mid), suffix, "")
         # Too short to keep anything hidden: mask every character.
         short = pc.less_equal(n, first + last)
@@ -170,7 +171,7 @@ class Mask(Action):
         n = pc.utf8_length(digits)
         keep = self.options["keep_last"]
         tail = pc.utf8_slice_codeunits(digits, -keep) if keep else pc.utf8_slice_codeunits(digits, 0, 0)
-        chars = pa.array([self.options["char"]] * len(s), type=pa.string())
+        chars = pa.repeat(pa.scalar(self.options["char"], pa.string()), len(s))
         masked = pc.binary_join_element_wise(pc.binary_repeat(chars, pc.max_element_wise(pc.subtract(n, keep), 0)), tail, "")
         # Fewer than 7 digits is not a phone number: null rather than a partial leak.
         return pc.if_else(pc.greater_equal(n, 7), masked, pa.scalar(None, pa.string()))
