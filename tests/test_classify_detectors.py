@@ -144,3 +144,14 @@ def test_detectors_have_distinct_names_and_compile_in_python_re():
         assert det.name == name
         assert det.regex().groupindex.get("m"), name
     assert np.all(evaluate("EMAIL", pa.array([], pa.string())).full == np.array([], dtype=bool))
+
+
+def test_a_valid_value_after_invalid_look_alikes_is_still_found():
+    col = pa.array([
+        "old 000-12-3456, new 219-09-9999",
+        "000-12-3456 666-12-3456 219-09-9999",
+        "000-12-3456 only",
+        "cards 4111111111111112 and 4111 1111 1111 1111",
+    ])
+    assert evaluate("US_SSN", col).contains.tolist() == [True, True, False, False]
+    assert evaluate("CREDIT_CARD", col).contains.tolist()[3] is True

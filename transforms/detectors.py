@@ -244,6 +244,9 @@ GUARD_DETECTORS = ("US_SSN", "CREDIT_CARD")
 TEXT_DETECTORS = tuple(name for name, d in DETECTORS.items() if d.in_text and name != "DATE")
 
 
+_MAX_RETRIES = 4  # later candidates examined per value after an invalid first one
+
+
 @dataclass
 class Evaluation:
     """Per-row results of one detector over one column (numpy bool arrays, nulls count as misses)."""
@@ -301,6 +304,23 @@ def evaluate(detector: Detector | str, column: pa.Array, max_validate: int | Non
     contains[idx] = ok
     whole = _np_bool(pc.equal(cands, pc.utf8_trim_whitespace(strings.take(take))))
     full[idx] = ok & whole
+    # A row whose first candidate failed validation may hold a valid one later ("000-12-3456, 219-09-9999"):
+    # cut the first match away and look again, on those rows only, a bounded number of times.
+    retry = idx[~ok]
+    rest = strings.take(pa.array(retry)) if len(retry) else None
+    for _ in range(_MAX_RETRIES):
+        if rest is None or len(retry) == 0 or det.validate is None:
+            break
+        rest = pc.replace_substring_regex(rest, det.pattern, " ", max_replacements=1)
+        ext2 = pc.extract_regex(rest, det.pattern)
+        has = _np_bool(pc.is_valid(ext2))
+        if not has.any():
+            break
+        sub = np.flatnonzero(has)
+        ok2 = det.validate(pc.struct_field(ext2.take(pa.array(sub)), "m"))
+        contains[retry[sub[ok2]]] = True
+        keep = sub[~ok2]
+        retry, rest = retry[keep], rest.take(pa.array(keep))
     return Evaluation(contains, full, examined)
 
 
