@@ -258,3 +258,25 @@ def test_short_digit_tokens_are_unique_and_reversible_for_any_value_set(tmp_path
     assert all(t[-1] == v[-1] and t != v for t, v in zip(toks, vals))
     assert [v for _, v in vault.reveal("tiny", toks)] == vals
     assert _open(ref, keyring).tokenize(dom, vals[::-1]) == toks[::-1]
+
+
+def test_vault_and_reference_rules(tmp_path: Path, keyring: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+
+    vault = _open({"backend": "sqlite", "path": str(tmp_path / "v.sqlite")}, keyring)
+    with pytest.raises(TypeError, match="cannot be pickled|pickle"):
+        pickle.dumps(vault)
+    with pytest.raises(ConfigError, match="must not contain a DSN"):
+        _open({"backend": "postgres", "dsn": "postgresql://u:secret@h/db"}, keyring)
+    monkeypatch.delenv("CLOAKBEAM_VAULT_DSN", raising=False)
+    with pytest.raises(ConfigError, match="CLOAKBEAM_VAULT_DSN, which is not set"):
+        _open({"backend": "postgres"}, keyring)
+    with pytest.raises(ConfigError, match="needs a 'path'"):
+        _open({"backend": "sqlite"}, keyring)
+    (tmp_path / "junk.sqlite").write_bytes(b"this is not a database file at all" * 200)
+    with pytest.raises(ConfigError, match="cannot open SQLite vault"):
+        _open({"backend": "sqlite", "path": str(tmp_path / "junk.sqlite")}, keyring)
+    from cloakbeam.errors import CloakbeamError
+
+    with pytest.raises(CloakbeamError, match="does not exist"):
+        vault.reveal("never-used", ["tok_x"])
