@@ -202,3 +202,41 @@ def test_unreachable_vault_fails_at_construction(tmp_path: Path, reference_input
                                  output=str(tmp_path / "out"), progress=False, config=str(cfg)))
     assert "nobody" not in str(exc.value)
     assert not (tmp_path / "out" / "data").exists() or not any((tmp_path / "out" / "data").iterdir())
+
+
+@pytest.mark.slow
+def test_multi_process_pipeline_writes_one_row_per_value(tmp_path: Path, reference_inputs: Any) -> None:
+    """Two SDK worker processes (direct runner, multi_processing) tokenizing the same customers twice into one
+    SQLite vault leave exactly the rows, with exactly the tokens, of a single-process run with the same keyring."""
+    import shutil
+    import sqlite3
+
+    from cloakbeam.pipeline.graph import RunSettings, run_pipeline
+    from cloakbeam.tests.conftest import POLICY, SCHEMA as REF_SCHEMA
+
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    multi.mkdir()
+    single.mkdir()
+    ensure_local_keyring(multi / "keyring.json")
+    shutil.copy(multi / "keyring.json", single / "keyring.json")
+    inputs = [reference_inputs["jsonl"]["path"], reference_inputs["parquet"]["path"]]  # same customers twice
+    for state, opts, batch in ((multi, {"workers": 2}, 500), (single, {}, 4000)):
+        m = run_pipeline(RunSettings(inputs=inputs, schema=str(REF_SCHEMA), policy=str(POLICY), output=str(state / "out"),
+                                     batch_size=batch, progress=False, state_dir=str(state), runner_options=opts))
+        assert m["reconciled"] is True
+
+    def rows(state: Path) -> dict[str, set[str]]:
+        con = sqlite3.connect(state / "vault.sqlite")
+        out: dict[str, set[str]] = {}
+        for domain, token in con.execute("SELECT domain, token FROM cloakbeam_vault_entries"):
+            out.setdefault(domain, set()).add(token)
+        n = con.execute("SELECT count(*) FROM cloakbeam_vault_entries").fetchone()[0]
+        assert n == sum(len(v) for v in out.values())
+        return out
+
+    got, want = rows(multi), rows(single)
+    assert set(got) == {"customer_id", "email", "card_number"}
+    assert got == want
+    out = pq.read_table(multi / "out" / "data")
+    for col in ("customer_id", "email", "card_number"):
+        assert set(filter(None, out.column(col).to_pylist())) <= got[col]
