@@ -162,3 +162,15 @@ def test_tokens_from_stdin_and_missing_state(state: Path, tmp_path: Path, capsys
     bad_roles.write_text("roles: {support: [{action: peek, domains: [email], purposes: [x]}]}\n")
     assert main(["vault", "detokenize", "--roles", str(bad_roles), "--role", "support", "--purpose", "x", "--domain", "email", toks[0]]) == 2
     assert "unknown action 'peek'" in capsys.readouterr().err
+
+
+def test_forget_expired_cli(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    v = _vault(state)
+    v.tokenize(Domain("email", normalize="lower", ttl_seconds=1), ["old@x.org"])
+    v.backend.conn.execute("UPDATE cloakbeam_vault_entries SET expires_at = 1")  # long expired
+    assert main(["vault", "forget", "--role", "support", "--purpose", "ticket", "--expired"]) == 1  # no grant
+    assert main(["vault", "forget", "--role", "dpo", "--purpose", "erasure", "--expired"]) == 0
+    assert "forgot 1 vault entry" in capsys.readouterr().out
+    e = _audit(state)[-1]
+    assert (e["event"], e["subject"], e["count"], e["domain"]) == ("forget", "expired", 1, "*")
+    assert main(["audit", "verify"]) == 0

@@ -280,3 +280,21 @@ def test_vault_and_reference_rules(tmp_path: Path, keyring: Any, monkeypatch: py
 
     with pytest.raises(CloakbeamError, match="does not exist"):
         vault.reveal("never-used", ["tok_x"])
+
+
+def test_forget_expired(backend: Any, keyring: Any) -> None:
+    import time
+
+    _, ref, _ = backend
+    vault = _open(ref, keyring)
+    short = Domain("otp", TokenFormat("opaque"), "trim", ttl_seconds=60)
+    forever = Domain("email", TokenFormat("opaque"), "lower")
+    t_short = vault.tokenize(short, ["a", "b"], subjects=["s1", None])
+    t_long = vault.tokenize(forever, ["a@x.org"], subjects=["s1"])  # shares s1's key with "a"
+    assert vault.forget_expired(now=time.time() + 30) == 0
+    assert vault.forget_expired(domain="email", now=time.time() + 120) == 0
+    assert vault.forget_expired(now=time.time() + 120) == 2
+    assert [s for s, _ in vault.reveal("otp", t_short)] == ["forgotten", "forgotten"]
+    assert vault.reveal("email", t_long) == [("ok", "a@x.org")]  # the shared subject key survived
+    assert vault.backend.count_keys() == 1
+    assert vault.forget_expired(now=time.time() + 120) == 0

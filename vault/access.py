@@ -96,3 +96,12 @@ class VaultAccess:
             outcome="forgotten" if n else "not_found", count=n,
         )
         return n
+
+    def forget_expired(self, role: str, purpose: str, domain: str | None = None) -> int:
+        """Crypto-shred every entry past its TTL (in `domain`, or in all domains with a "*" grant); audited."""
+        scope = domain or "*"
+        self._check("forget", role, purpose, scope, "expired", 0)
+        n = self.vault.forget_expired(domain)
+        self.audit.append("forget", role=role, purpose=purpose, domain=scope, subject="expired",
+                          outcome="forgotten" if n else "not_found", count=n)
+        return n

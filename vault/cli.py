@@ -2,7 +2,7 @@
 
     cloakbeam vault detokenize --role R --purpose P --domain email TOKEN [TOKEN ...]
     cloakbeam vault detokenize --role R --purpose P --input OUT/data --column email --out REVEALED/
-    cloakbeam vault forget --role R --purpose P --domain email --value-stdin   (or --value V, or --subject ID)
+    cloakbeam vault forget --role R --purpose P --domain email --value-stdin   (or --value V, --subject ID, --expired)
     cloakbeam audit verify [--log FILE]
 
 Local state (keyring, SQLite vault, audit log `audit.jsonl`, role policy `roles.yaml`) comes from --state-dir /
@@ -50,6 +50,7 @@ def register(subparsers: Any) -> None:
     g.add_argument("--value", default=None, help="the value to forget (prefer --value-stdin: arguments show up in ps)")
     g.add_argument("--value-stdin", action="store_true", help="read the value to forget from stdin")
     g.add_argument("--subject", default=None, help="subject id given to the tokenize action's 'subject' field")
+    g.add_argument("--expired", action="store_true", help="every entry past its TTL (in --domain, or in all domains)")
     fg.set_defaults(func=cmd_forget)
 
     audit = subparsers.add_parser("audit", help="verify the hash-chained audit log")
@@ -211,7 +212,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
     env = _Env(args)
     try:
         access = env.access(args)
-        if value is not None:
+        if args.expired:
+            n = access.forget_expired(args.role, args.purpose, args.domain)
+        elif value is not None:
             n = access.forget(args.role, args.purpose, domain=args.domain, value=value)
         else:
             n = access.forget(args.role, args.purpose, subject=args.subject)

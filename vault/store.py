@@ -136,6 +136,8 @@ class SQLiteBackend(_Backend):
     """Embedded default: one file, WAL journal, `BEGIN IMMEDIATE` write transactions, secure_delete on."""
 
     name = "sqlite"
+    _p = "?"
+    _blob = "BLOB"
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -229,6 +231,31 @@ class SQLiteBackend(_Backend):
         )
         return cur.rowcount
 
+    def shred_expired(self, domain: str | None, now: int) -> int:
+        """Blank every expired, not yet forgotten entry; delete the data keys no live entry uses any more."""
+        p = self._p
+        dom = f" AND domain = {p}" if domain is not None else ""
+        args: tuple[Any, ...] = (now, domain) if domain is not None else (now,)
+        expired = f"expires_at IS NOT NULL AND expires_at <= {p} AND forgotten_at IS NULL{dom}"
+        self.conn.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS cloakbeam_expired_keys (key_id {self._blob} PRIMARY KEY)"
+        )
+        self.conn.execute("DELETE FROM cloakbeam_expired_keys")
+        self.conn.execute(
+            f"INSERT INTO cloakbeam_expired_keys SELECT DISTINCT key_id FROM cloakbeam_vault_entries WHERE {expired} AND key_id IS NOT NULL",
+            args,
+        )
+        cur = self.conn.execute(
+            f"UPDATE cloakbeam_vault_entries SET bidx = NULL, key_id = NULL, ciphertext = NULL, forgotten_at = {p} WHERE {expired}",
+            (now, *args),
+        )
+        n = cur.rowcount
+        self.conn.execute(
+            "DELETE FROM cloakbeam_vault_keys WHERE key_id IN (SELECT key_id FROM cloakbeam_expired_keys)"
+            " AND NOT EXISTS (SELECT 1 FROM cloakbeam_vault_entries e WHERE e.key_id = cloakbeam_vault_keys.key_id)"
+        )
+        return n
+
     def after_shred(self) -> None:
         # Old page images of the deleted key live in the WAL until a checkpoint; truncate it now.
         self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -252,6 +279,8 @@ class PostgresBackend(_Backend):
     """PostgreSQL through psycopg 3: array-valued INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING."""
 
     name = "postgres"
+    _p = "%s"
+    _blob = "BYTEA"
 
     def __init__(self, dsn: str, where: str) -> None:
         import psycopg
@@ -339,6 +368,31 @@ class PostgresBackend(_Backend):
             (now, key_id),
         )
         return cur.rowcount
+
+    def shred_expired(self, domain: str | None, now: int) -> int:
+        """Blank every expired, not yet forgotten entry; delete the data keys no live entry uses any more."""
+        p = self._p
+        dom = f" AND domain = {p}" if domain is not None else ""
+        args: tuple[Any, ...] = (now, domain) if domain is not None else (now,)
+        expired = f"expires_at IS NOT NULL AND expires_at <= {p} AND forgotten_at IS NULL{dom}"
+        self.conn.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS cloakbeam_expired_keys (key_id {self._blob} PRIMARY KEY)"
+        )
+        self.conn.execute("DELETE FROM cloakbeam_expired_keys")
+        self.conn.execute(
+            f"INSERT INTO cloakbeam_expired_keys SELECT DISTINCT key_id FROM cloakbeam_vault_entries WHERE {expired} AND key_id IS NOT NULL",
+            args,
+        )
+        cur = self.conn.execute(
+            f"UPDATE cloakbeam_vault_entries SET bidx = NULL, key_id = NULL, ciphertext = NULL, forgotten_at = {p} WHERE {expired}",
+            (now, *args),
+        )
+        n = cur.rowcount
+        self.conn.execute(
+            "DELETE FROM cloakbeam_vault_keys WHERE key_id IN (SELECT key_id FROM cloakbeam_expired_keys)"
+            " AND NOT EXISTS (SELECT 1 FROM cloakbeam_vault_entries e WHERE e.key_id = cloakbeam_vault_keys.key_id)"
+        )
+        return n
 
     def after_shred(self) -> None:
         # Dead tuples keep the deleted DEK until VACUUM reclaims them.
@@ -649,6 +703,14 @@ class Vault:
         kid = self._subject_key_id(subject)
         with self.backend.transaction():
             n = self.backend.shred(kid, int(time.time()))
+        self._after_forget()
+        return n
+
+    def forget_expired(self, domain: str | None = None, now: float | None = None) -> int:
+        """Crypto-shred every entry whose TTL has passed (optionally in one domain); return how many."""
+        now_i = int(time.time() if now is None else now)
+        with self.backend.transaction():
+            n = self.backend.shred_expired(domain, now_i)
         self._after_forget()
         return n
 
