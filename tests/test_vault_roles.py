@@ -80,3 +80,19 @@ def test_load_from_file(tmp_path: Path) -> None:
         RolePolicy.load(p)
     with pytest.raises(ConfigError, match="cannot read"):
         RolePolicy.load(tmp_path / "missing.yaml")
+
+
+def test_members_bind_a_role_to_users() -> None:
+    import getpass
+
+    me = getpass.getuser()
+    doc = {**DOC, "members": {"dpo": ["someone-else"], "analyst": [me]}}
+    pol = RolePolicy.from_dict(doc)
+    with pytest.raises(AccessDenied, match="not a member of role 'dpo'"):
+        pol.check("dpo", "decrypt", "income", "dsar")
+    pol.check("dpo", "decrypt", "income", "dsar", actor="someone-else")
+    pol.check("analyst", "detokenize", "email", "support")  # current user is a member
+    with pytest.raises(ConfigError, match="has no grants"):
+        RolePolicy.from_dict({**DOC, "members": {"ghost": ["x"]}})
+    with pytest.raises(ConfigError, match="non-empty list"):
+        RolePolicy.from_dict({**DOC, "members": {"dpo": []}})

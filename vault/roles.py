@@ -11,11 +11,14 @@ file; default deny: a role, action, domain or purpose that no grant names is ref
           purposes: [fraud-investigation]  # "*" means any purpose (avoid: purposes are what the audit log shows)
       privacy-officer:
         - {action: [detokenize, decrypt], domains: ["*"], purposes: [dsar, erasure-check]}
+    members:                               # optional: who may act in a role (OS user names)
+      privacy-officer: [alice, bob]        # a role listed here refuses every other user
 
 API (keep it small; the keys layer uses exactly this):
 - `RolePolicy.load(path) -> RolePolicy` raises `ConfigError` with a sentence naming the file and what to fix.
 - `RolePolicy.from_dict(doc, source)` for inline policies (tests).
-- `policy.check(role, action, domain, purpose) -> None` raises `AccessDenied` when no grant matches.
+- `policy.check(role, action, domain, purpose, actor=None) -> None` raises `AccessDenied` when no grant
+  matches, or when the role has a `members` list that does not name `actor` (default: the current OS user).
 - `policy.allows(role, action, domain, purpose) -> bool`.
 
 Error messages name the role, action, domain and purpose (never a value or a key). Callers audit every check,
@@ -55,9 +58,12 @@ class Grant:
 class RolePolicy:
     """Grants per role, loaded from YAML; `check` is the single decision point (default deny)."""
 
-    def __init__(self, grants: Mapping[str, tuple[Grant, ...]], source: str = "<inline>") -> None:
+    def __init__(
+        self, grants: Mapping[str, tuple[Grant, ...]], source: str = "<inline>", members: Mapping[str, frozenset[str]] | None = None
+    ) -> None:
         self.grants = dict(grants)
         self.source = source
+        self.members = dict(members or {})
 
     @classmethod
     def load(cls, path: str | Path) -> "RolePolicy":
@@ -77,9 +83,9 @@ class RolePolicy:
         where = f"role policy {source}"
         if not isinstance(doc, dict):
             raise ConfigError(f"{where} must be a YAML mapping with a 'roles' section")
-        unknown = sorted(set(doc) - {"version", "roles"})
+        unknown = sorted(set(doc) - {"version", "roles", "members"})
         if unknown:
-            raise ConfigError(f"{where}: unknown key '{unknown[0]}'; allowed keys: roles, version")
+            raise ConfigError(f"{where}: unknown key '{unknown[0]}'; allowed keys: members, roles, version")
         if doc.get("version", 1) != 1:
             raise ConfigError(f"{where}: version {doc.get('version')!r} is not supported; use 'version: 1'")
         roles = doc.get("roles")
@@ -94,12 +100,22 @@ class RolePolicy:
             if not isinstance(items, list) or not items:
                 raise ConfigError(f"{where}: role '{role}' must map to a list of grants")
             grants[role] = tuple(_grant(where, role, i, g) for i, g in enumerate(items))
-        return cls(grants, source)
+        raw_members = doc.get("members") or {}
+        if not isinstance(raw_members, dict):
+            raise ConfigError(f"{where}: 'members' must map role names to lists of user names")
+        members: dict[str, frozenset[str]] = {}
+        for role, users in raw_members.items():
+            if role not in grants:
+                raise ConfigError(f"{where}: 'members' names role '{role}', which has no grants under 'roles'")
+            if not isinstance(users, list) or not users or not all(isinstance(u, str) and u for u in users):
+                raise ConfigError(f"{where}: members of role '{role}' must be a non-empty list of user names")
+            members[role] = frozenset(users)
+        return cls(grants, source, members)
 
     def allows(self, role: str, action: str, domain: str, purpose: str) -> bool:
         return any(g.matches(action, domain, purpose) for g in self.grants.get(role, ()))
 
-    def check(self, role: str, action: str, domain: str, purpose: str) -> None:
+    def check(self, role: str, action: str, domain: str, purpose: str, actor: str | None = None) -> None:
         """Return when `role` may perform `action` on `domain` for `purpose`; raise AccessDenied otherwise."""
         if action not in ACTIONS:
             raise AccessDenied(f"unknown action '{action}'")
@@ -107,8 +123,22 @@ class RolePolicy:
             raise AccessDenied("a purpose is required for every detokenize or decrypt request")
         if role not in self.grants:
             raise AccessDenied(f"role '{role}' is not defined in {self.source}")
+        if role in self.members:
+            who = actor if actor is not None else _current_user()
+            if who not in self.members[role]:
+                raise AccessDenied(f"user '{who}' is not a member of role '{role}' in {self.source}")
         if not self.allows(role, action, domain, purpose):
             raise AccessDenied(f"role '{role}' may not {action} domain '{domain}' for purpose '{purpose}'")
+
+
+def _current_user() -> str:
+    import getpass
+    import os
+
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        return str(os.getuid())
 
 
 def _names(where: str, role: str, i: int, key: str, value: Any) -> frozenset[str]:
