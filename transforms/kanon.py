@@ -154,18 +154,15 @@ def _compress(key: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 class _View:
-    """Rows of a (possibly projected) frequency set: level-0 value index per QI, counts, sensitive codes."""
+    """Rows of a frequency set rolled up to `base` levels: one code per QI at its base level, counts, sensitive codes.
 
-    def __init__(self, idx: dict[int, np.ndarray], counts: np.ndarray, sens: np.ndarray, rows: int) -> None:
-        self.idx, self.counts, self.sens, self.rows = idx, counts, sens, rows
-        self._codes: dict[tuple[int, int], np.ndarray] = {}
+    The search evaluates a node on any view whose base is at or below the node (a roll-up is exact: classes
+    at a higher level are unions of classes at a lower one), so deeper search branches work on fewer rows."""
 
-    def row_codes(self, codes: list[list[np.ndarray]], i: int, level: int) -> np.ndarray:
-        hit = self._codes.get((i, level))
-        if hit is None:
-            hit = codes[i][level][self.idx[i]]
-            self._codes[(i, level)] = hit
-        return hit
+    def __init__(self, base: tuple[int, ...], codes: list[np.ndarray], counts: np.ndarray, sens: np.ndarray) -> None:
+        self.base, self.codes, self.counts, self.sens = base, codes, counts, sens
+        self.rows = len(counts)
+        self._cache: dict[tuple[int, int], np.ndarray] = {}
 
 
 class Lattice:
@@ -237,9 +234,7 @@ class Lattice:
             self._n_sens = 1
         self._cache: dict[tuple[int, ...], NodeResult] = {}
         self._full: _View | None = None
-        self._views: dict[frozenset[int], _View] = {}
-        #: Nested QI sets (set by the search from its QI order) whose projections evaluations may use.
-        self.chain: list[frozenset[int]] = []
+        self._maps: dict[tuple[int, int, int], np.ndarray] = {}
         self.evaluations = 0
 
     # -- geometry ---------------------------------------------------------------------------------------
@@ -262,46 +257,67 @@ class Lattice:
         return round(sum(self.level_loss[i][lv] for i, lv in enumerate(node)) / len(node), 12)
 
     # -- evaluation -------------------------------------------------------------------------------------
-    def _full_view(self) -> "_View":
+    def _full_view(self) -> _View:
         if self._full is None:
-            self._full = _View(dict(enumerate(self._idx)), self.counts, self._sens, self.rows)
+            codes = [self._codes[i][0][self._idx[i]] for i in range(len(self.tops))]
+            self._full = _View(self.bottom, codes, self.counts, self._sens)
         return self._full
 
-    def _view(self, active: frozenset[int]) -> "_View":
-        """The frequency set projected on the QIs not at their top level (exact: a QI at '*' splits nothing).
+    def _level_map(self, i: int, a: int, b: int) -> np.ndarray:
+        """Code at level a -> code at level b of QI i (hierarchies nest, so this is a function)."""
+        hit = self._maps.get((i, a, b))
+        if hit is None:
+            ca, cb = self._codes[i][a], self._codes[i][b]
+            hit = np.zeros(self._cards[i][a], np.int64)
+            hit[ca] = cb
+            if not np.array_equal(hit[ca], cb):  # defensive: a non-nesting hierarchy cannot be rolled up
+                raise ValueError(f"hierarchy of quasi-identifier {self.spec.qis[i].path} does not nest")
+            self._maps[(i, a, b)] = hit
+        return hit
 
-        Nodes with several QIs at '*' are evaluated on far fewer rows; the search visits nodes whose unassigned
-        QIs are at the top, so the projections it needs form a short chain."""
-        for chain_set in self.chain:
-            if active <= chain_set:
-                active = chain_set
-                break
-        else:
-            return self._full_view()
-        if len(active) == len(self.tops):
-            return self._full_view()
-        hit = self._views.get(active)
-        if hit is not None:
-            return hit
-        key = np.zeros(self.rows, np.int64)
+    def _codes_at(self, view: _View, i: int, level: int) -> np.ndarray:
+        if level == view.base[i]:
+            return view.codes[i]
+        hit = view._cache.get((i, level))
+        if hit is None:
+            hit = self._level_map(i, view.base[i], level)[view.codes[i]]
+            view._cache[(i, level)] = hit
+        return hit
+
+    def rollup_pays(self, view: _View, base: tuple[int, ...]) -> bool:
+        """Roll up only when the new base can at most halve the rows (bound: product of level cardinalities)."""
+        if view.rows <= 4096:
+            return False
+        bound = float(self._n_sens)
+        for i, lv in enumerate(base):
+            bound *= self._cards[i][lv]
+            if bound >= view.rows / 2:
+                return False
+        return True
+
+    def rollup(self, view: _View, base: tuple[int, ...]) -> _View:
+        """Roll a view up to higher base levels: regroup its rows (with the sensitive code) and sum counts."""
+        if base == view.base:
+            return view
+        codes = [self._codes_at(view, i, lv) for i, lv in enumerate(base)]
+        key = np.zeros(view.rows, np.int64)
         kcard = 1
-        for i in sorted(active):
-            card = max(len(self._dict[i]), 1)
+        for i, lv in enumerate(base):
+            card = self._cards[i][lv]
+            if card == 1:
+                continue
             if kcard * card >= 2**62:
                 key, kcard = _compress(key)
-            key = key * card + self._idx[i]
+            key = key * card + codes[i]
             kcard *= card
         if kcard * self._n_sens >= 2**62:
             key, kcard = _compress(key)
-        key = key * self._n_sens + self._sens
+        key = key * self._n_sens + view.sens
         _, first, inv = np.unique(key, return_index=True, return_inverse=True)
-        inv = inv.reshape(-1)
-        counts = np.bincount(inv, weights=self.counts, minlength=len(first)).astype(np.int64)
-        view = _View({i: self._idx[i][first] for i in active}, counts, self._sens[first], len(first))
-        self._views[active] = view
-        return view
+        counts = np.bincount(inv.reshape(-1), weights=view.counts, minlength=len(first)).astype(np.int64)
+        return _View(base, [c[first] for c in codes], counts, view.sens[first])
 
-    def classes(self, node: Sequence[int], view: "_View | None" = None) -> tuple[np.ndarray, int]:
+    def classes(self, node: Sequence[int], view: _View | None = None) -> tuple[np.ndarray, int]:
         """Class id per row of `view` (default: the whole frequency set) and the number of classes at `node`."""
         view = view or self._full_view()
         key = np.zeros(view.rows, np.int64)
@@ -314,13 +330,13 @@ class Lattice:
                 continue
             if kcard * card >= 2**62:
                 key, kcard = _compress(key)
-            key = key * card + view.row_codes(self._codes, i, level)
+            key = key * card + self._codes_at(view, i, level)
             kcard *= card
         if kcard <= max(4 * view.rows, 1 << 16):
             return key, kcard
         return _compress(key)
 
-    def class_stats(self, node: Sequence[int], view: "_View | None" = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def class_stats(self, node: Sequence[int], view: _View | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(class id per row, size per class, distinct sensitive values per class, failing-class mask)."""
         view = view or self._full_view()
         cls, ncls = self.classes(node, view)
@@ -333,13 +349,13 @@ class Lattice:
             bad = (sizes > 0) & (sizes < self.k)
         return cls, sizes, distinct, bad
 
-    def evaluate(self, node: tuple[int, ...]) -> NodeResult:
+    def evaluate(self, node: tuple[int, ...], view: _View | None = None) -> NodeResult:
+        """Suppression and satisfaction of `node` (cached); `view` must have its base at or below `node`."""
         hit = self._cache.get(node)
         if hit is not None:
             return hit
         self.evaluations += 1
-        active = frozenset(i for i, lv in enumerate(node) if lv < self.tops[i])
-        _, sizes, _, bad = self.class_stats(node, self._view(active))
+        _, sizes, _, bad = self.class_stats(node, view)
         suppressed = int(sizes[bad].sum())
         res = NodeResult(node, suppressed <= self.limit, suppressed, self.loss(node))
         self._cache[node] = res
@@ -425,16 +441,16 @@ def search(lat: Lattice) -> SearchResult:
     fail_max: list[tuple[int, ...]] = []  # failing nodes: everything below them fails
     arrays = {"sat": np.zeros((0, q), np.int64), "fail": np.zeros((0, q), np.int64)}
 
-    def sat(node: tuple[int, ...]) -> bool:
+    def sat(node: tuple[int, ...], view: _View | None = None) -> bool:
         """Evaluate a complete candidate exactly and keep the best."""
         nonlocal best
-        r = lat.evaluate(node)
+        r = lat.evaluate(node, view)
         if r.satisfied and rank(r) < rank(best):
             best = r
         (sat_min if r.satisfied else fail_max).append(node)
         return r.satisfied
 
-    def feasible(node: tuple[int, ...]) -> bool:
+    def feasible(node: tuple[int, ...], view: _View | None = None) -> bool:
         """Satisfaction only: answered from known nodes by monotonicity when possible, else evaluated."""
         for name, nodes in (("sat", sat_min), ("fail", fail_max)):
             if len(nodes) != arrays[name].shape[0]:
@@ -444,16 +460,16 @@ def search(lat: Lattice) -> SearchResult:
             return True
         if arrays["fail"].shape[0] and np.any(np.all(arrays["fail"] >= v, axis=1)):
             return False
-        return sat(node)
+        return sat(node, view)
 
-    def lowest_feasible(node: list[int], i: int) -> int:
+    def lowest_feasible(node: list[int], i: int, view: _View | None = None, lo: int = -1) -> int:
         """Lowest level of QI i such that `node` with that level satisfies (binary search; top always does)."""
-        lo, hi = -1, lat.tops[i]  # level lo fails (or none), level hi satisfies
+        hi = lat.tops[i]  # level lo fails (or is -1), level hi satisfies
         while hi - lo > 1:
             mid = (lo + hi) // 2
             trial = list(node)
             trial[i] = mid
-            if feasible(tuple(trial)):
+            if feasible(tuple(trial), view):
                 hi = mid
             else:
                 lo = mid
@@ -463,32 +479,34 @@ def search(lat: Lattice) -> SearchResult:
     qloss = [[lv / q for lv in row] for row in lat.level_loss]  # per-QI contribution to the mean
     floor = [lowest_feasible(list(lat.tops), i) for i in range(q)]
     order = sorted(range(q), key=lambda i: -qloss[i][floor[i]])  # most constrained QIs first
-    # Nodes visited below depth d have only order[:d] below the top: evaluate them on that projection.
-    lat.chain = [frozenset(order[:d]) for d in range(1, q)]
+    # No satisfying node has a QI below its floor, so the search works on the frequency set rolled up to the
+    # floors, and each branch rolls its view up further to the levels it has fixed.
+    root = lat.rollup(lat._full_view(), tuple(floor))
     rest_lb = [0.0] * (q + 1)
     for d in range(q - 1, -1, -1):
         rest_lb[d] = rest_lb[d + 1] + qloss[order[d]][floor[order[d]]]
     visited = 0
     eps = 1e-12
 
-    def dfs(depth: int, node: list[int], assigned: float) -> None:
+    def dfs(depth: int, node: list[int], assigned: float, view: _View) -> None:
         nonlocal visited
         visited += 1
         i = order[depth]
-        start = lowest_feasible(node, i) if depth else floor[i]
-        start = max(start, floor[i])
+        start = lowest_feasible(node, i, view, lo=floor[i] - 1) if depth else floor[i]
         for lv in range(start, lat.tops[i] + 1):
             lb = assigned + qloss[i][lv] + rest_lb[depth + 1]
             if lb > best.loss + eps:
                 break
             node[i] = lv
             if depth + 1 < q:
-                dfs(depth + 1, node, assigned + qloss[i][lv])
+                base = view.base[:i] + (lv,) + view.base[i + 1:]
+                child = lat.rollup(view, base) if lat.rollup_pays(view, base) else view
+                dfs(depth + 1, node, assigned + qloss[i][lv], child)
             else:
-                sat(tuple(node))  # complete node: a candidate (its level is feasible by construction)
+                sat(tuple(node), view)  # complete node: a candidate (its level is feasible by construction)
         node[i] = lat.tops[i]
 
-    dfs(0, list(lat.tops), 0.0)
+    dfs(0, list(lat.tops), 0.0, root)
     return SearchResult(best.node, best.suppressed, best.loss, lat.evaluations, visited, time.perf_counter() - t0)
 
 
