@@ -8,7 +8,6 @@ import glob
 import os
 from collections import defaultdict
 
-import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest

@@ -8,10 +8,10 @@ Layers (the first three import nothing from Beam and are tested without it):
    are roll-ups of it.
 2. `Lattice` + `search`: the generalization lattice (one level per QI) and an optimal search for the node of
    least information loss whose classes reach k (and l) after suppressing the records of failing classes, with
-   at most `suppression_limit` x N records suppressed. Best-first search in loss order, pruned by monotonicity
-   (every node below a failing node fails; found with Flash-style binary searches along greedy paths). The
-   information-loss measure is Iyengar's Loss Metric (LM) on the observed domain, averaged over QIs (see
-   docs/k-anonymity.md); it never decreases going up the lattice, so the first satisfying node popped is optimal.
+   at most `suppression_limit` x N records suppressed. Depth-first branch and bound over the QIs, pruned by
+   monotonicity (a node below a failing node fails, a node above a satisfying one satisfies; binary searches
+   for the lowest feasible level of each QI) and by a loss bound from per-QI floors. The information-loss
+   measure is Iyengar's Loss Metric (LM) on the observed domain, averaged over QIs (docs/k-anonymity.md).
 3. `Plan` / `apply_plan`: the chosen levels and the keys of the classes to suppress; applied to any batch
    vectorized (string kernels + `is_in`). `report` figures: k and l achieved, levels, class-size histogram,
    prosecutor / journalist / marketer risk, information loss. Reports hold counts and policy names, never values.
@@ -23,11 +23,10 @@ Layers (the first three import nothing from Beam and are tested without it):
 
 from __future__ import annotations
 
-import heapq
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -386,7 +385,7 @@ class SearchResult:
     suppressed: int
     loss: float
     evaluations: int
-    popped: int
+    visited: int  # branch-and-bound tree nodes visited
     seconds: float
 
 
