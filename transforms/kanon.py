@@ -531,6 +531,13 @@ class Plan:
     levels: tuple[int, ...]
     suppress_keys: list[str] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
+    _keys: pa.Array | None = field(default=None, repr=False, compare=False)
+
+    def key_array(self) -> pa.Array:
+        """The suppression keys as one Arrow array, built once per worker (the value set of `is_in`)."""
+        if self._keys is None:
+            self._keys = pa.array(self.suppress_keys, pa.string())
+        return self._keys
 
 
 _HIST_EDGES = (1, 2, 3, 5, 10, 20, 50, 100, 1000, 10000)
@@ -616,7 +623,7 @@ def apply_plan(columns: Mapping[str, pa.Array], spec: KAnonSpec, plan: Plan) -> 
     if not plan.suppress_keys:
         return gen, None
     keys = class_keys([gen[q.path] for q in spec.qis])
-    drop = pc.is_in(keys, value_set=pa.array(plan.suppress_keys, pa.string()))
+    drop = pc.is_in(keys, value_set=plan.key_array())
     return gen, pc.invert(drop)
 
 
