@@ -487,25 +487,34 @@ def search(lat: Lattice) -> SearchResult:
     visited = 0
     eps = 1e-12
 
-    def dfs(depth: int, node: list[int], assigned: float, view: _View) -> None:
+    def dfs(depth: int, node: list[int], assigned: float, view: _View, floors: list[int]) -> None:
         nonlocal visited
         visited += 1
+        if depth:
+            # Floors given the levels fixed so far (others at the top): a tighter bound for every QI left.
+            floors = list(floors)
+            for j in order[depth:]:
+                floors[j] = lowest_feasible(node, j, view, lo=floors[j] - 1)
+                if assigned + sum(qloss[o][floors[o]] for o in order[depth:]) > best.loss + eps:
+                    return
+        rest = [0.0] * (q + 1)
+        for d in range(q - 1, depth, -1):
+            rest[d] = rest[d + 1] + qloss[order[d]][floors[order[d]]]
         i = order[depth]
-        start = lowest_feasible(node, i, view, lo=floor[i] - 1) if depth else floor[i]
-        for lv in range(start, lat.tops[i] + 1):
-            lb = assigned + qloss[i][lv] + rest_lb[depth + 1]
+        for lv in range(floors[i], lat.tops[i] + 1):
+            lb = assigned + qloss[i][lv] + rest[depth + 1]
             if lb > best.loss + eps:
                 break
             node[i] = lv
             if depth + 1 < q:
                 base = view.base[:i] + (lv,) + view.base[i + 1:]
                 child = lat.rollup(view, base) if lat.rollup_pays(view, base) else view
-                dfs(depth + 1, node, assigned + qloss[i][lv], child)
+                dfs(depth + 1, node, assigned + qloss[i][lv], child, floors)
             else:
                 sat(tuple(node), view)  # complete node: a candidate (its level is feasible by construction)
         node[i] = lat.tops[i]
 
-    dfs(0, list(lat.tops), 0.0, root)
+    dfs(0, list(lat.tops), 0.0, root, list(floor))
     return SearchResult(best.node, best.suppressed, best.loss, lat.evaluations, visited, time.perf_counter() - t0)
 
 
