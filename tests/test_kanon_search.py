@@ -106,7 +106,7 @@ def test_every_output_is_k_anonymous_l_diverse_within_limit_or_fails_clearly(pro
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(problems(max_rows=80, max_qis=3))
+@given(problems(max_rows=80, max_qis=4))
 def test_search_is_minimal_against_exhaustive_search(problem):
     table, spec = problem
     freq = frequency_set(dict(zip(table.column_names, table.columns)), spec)
