@@ -36,8 +36,17 @@ def make(beam_args: Sequence[str], runner_options: Mapping[str, Any] | None) -> 
 
     opts = reject_unknown("direct", runner_options, OPTIONS)
     options = PipelineOptions(list(beam_args))
+    if opts.get("streaming"):
+        # The FnApiRunner runs unbounded sources as batch; the bundle-based DirectRunner keeps watermarks,
+        # triggers, late panes and user state (TestStream runs there too). Built directly: no Prism download.
+        from apache_beam.runners.direct.direct_runner import BundleBasedDirectRunner
+
+        if opts.get("workers"):
+            raise ConfigError("--workers does not apply to a local streaming run")
+        options.view_as(StandardOptions).streaming = True
+        return DirectHandle(BundleBasedDirectRunner(), options), options
     if options.view_as(StandardOptions).streaming:
-        raise ConfigError("the batch pipeline does not take --streaming; use `cloakbeam run --streaming` (streaming graph) instead")
+        raise ConfigError("the batch pipeline does not take Beam's --streaming; use `cloakbeam run --streaming` (streaming graph) instead")
     direct = options.view_as(DirectOptions)
     workers = opts.get("workers")
     if workers is not None:

@@ -1,0 +1,365 @@
+"""The streaming graph: watch for new files, protect them per fixed event-time window, commit each window's
+Parquet files and a per-window manifest.
+
+    WatchDirectory(patterns)            -> file paths, timestamped with the file's modification time
+    ProtectWindowed(run)                -> FixedWindows; a GroupByKey on the path drops duplicate sightings and
+                                           data later than the allowed lateness before anything is read; then
+                                           the batch steps (ReadRecords' parser, ProtectRecords, optional
+                                           streaming k-anonymity, WriteTrainingParquet, which names files
+                                           OUT/data/window=<start>-<end>/part-<batch id>.parquet)
+                                        -> per window (accumulating panes) one merged RunStats
+                                        -> OUT/manifests/window=<start>-<end>.json, rewritten atomically per pane
+
+Restarting on the same input produces the same files, not more: a file's event time is its modification time
+(so it lands in the same window again), batch ids derive from the file's path and content digest, and every
+file and window manifest is written under a deterministic name with an atomic replace. A window is committed
+when its manifest exists; readers use the manifests, never a directory listing.
+
+Locally the watch is PeriodicImpulse plus a stateful DoFn remembering the files it has seen (Beam's
+`fileio.MatchContinuously` polls once and stops on local runners); on Flink or Dataflow use
+`fileio.MatchContinuously`, or Pub/Sub / Kafka through Beam's own IOs (docs/runners.md: documented, not tested).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
+
+import apache_beam as beam
+from apache_beam.transforms import trigger as _trigger
+from apache_beam.transforms import userstate
+from apache_beam.transforms.window import FixedWindows, TimestampedValue
+from apache_beam.utils.timestamp import Duration, Timestamp
+
+from cloakbeam.errors import ConfigError
+from cloakbeam.pipeline import fsio
+from cloakbeam.pipeline.stats import FileStat, RunStats, is_stats
+
+log = logging.getLogger(__name__)
+MANIFESTS_DIR = "manifests"
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """Window size, allowed lateness and the local watch's poll interval / duration (None = forever)."""
+
+    window_seconds: float = 60.0
+    allowed_lateness: float = 0.0
+    poll_seconds: float = 5.0
+    watch_seconds: float | None = None
+
+    def check(self) -> "StreamOptions":
+        if self.window_seconds <= 0:
+            raise ConfigError("--window-seconds must be positive")
+        if self.allowed_lateness < 0:
+            raise ConfigError("--allowed-lateness must not be negative")
+        if self.poll_seconds <= 0:
+            raise ConfigError("--poll-seconds must be positive")
+        if self.watch_seconds is not None and self.watch_seconds <= 0:
+            raise ConfigError("--watch-seconds must be positive (omit it to watch forever)")
+        return self
+
+
+def window_label(start: float, end: float) -> str:
+    """The directory/manifest label of a window; identical to transforms.steps' label for IntervalWindow."""
+    s = dt.datetime.fromtimestamp(start, dt.timezone.utc)
+    e = dt.datetime.fromtimestamp(end, dt.timezone.utc)
+    return f"window={s:%Y%m%dT%H%M%S}-{e:%Y%m%dT%H%M%S}"
+
+
+# ------------------------------------------------------------------------------------------------ source
+class _NewFilesFn(beam.DoFn):
+    """On every tick, match the patterns and emit files not seen before (state: the set of seen paths).
+
+    Hidden files ('.' or '_' prefix) are skipped: writers must write under a hidden name and rename, so a file
+    is never read half-written. A file's event time is its modification time."""
+
+    SEEN = userstate.SetStateSpec("seen", beam.coders.StrUtf8Coder())
+
+    def __init__(self, patterns: Sequence[str]) -> None:
+        self.patterns = list(patterns)
+
+    def process(self, element: Any, seen=beam.DoFn.StateParam(SEEN)) -> Iterator[Any]:
+        from apache_beam.io.filesystems import FileSystems
+
+        known = set(seen.read())
+        for result in FileSystems.match(self.patterns):
+            for meta in sorted(result.metadata_list, key=lambda m: m.path):
+                name = meta.path.rstrip("/").rsplit("/", 1)[-1]
+                if meta.path in known or name.startswith((".", "_")) or meta.path.endswith("/"):
+                    continue
+                known.add(meta.path)
+                seen.add(meta.path)
+                mtime = getattr(meta, "last_updated_in_seconds", None) or 0.0
+                yield TimestampedValue(meta.path, Timestamp.of(float(mtime)))
+
+
+class WatchDirectory(beam.PTransform):
+    """Unbounded source of new file paths for local runs: PeriodicImpulse + a stateful DoFn (seen files)."""
+
+    def __init__(self, patterns: Sequence[str], poll_seconds: float = 5.0, watch_seconds: float | None = None, start: float | None = None) -> None:
+        super().__init__()
+        self.patterns = list(patterns)
+        self.poll_seconds = poll_seconds
+        self.watch_seconds = watch_seconds
+        self.start = start
+
+    def expand(self, pbegin):
+        from apache_beam.transforms.periodicsequence import PeriodicImpulse
+        from apache_beam.utils.timestamp import MAX_TIMESTAMP
+
+        start = Timestamp.of(self.start) if self.start is not None else Timestamp.now()
+        stop = start + Duration(seconds=self.watch_seconds) if self.watch_seconds else MAX_TIMESTAMP
+        return (
+            pbegin
+            | "Tick" >> PeriodicImpulse(start_timestamp=start, stop_timestamp=stop, fire_interval=self.poll_seconds)
+            | "OneKey" >> beam.Map(lambda ts: ("watch", ts))
+            | "NewFiles" >> beam.ParDo(_NewFilesFn(self.patterns))
+        )
+
+
+# ------------------------------------------------------------------------------------------------ windows
+def _windowing(opts: StreamOptions, accumulating: bool) -> beam.WindowInto:
+    return beam.WindowInto(
+        FixedWindows(opts.window_seconds),
+        trigger=_trigger.AfterWatermark(late=_trigger.AfterCount(1)),
+        accumulation_mode=_trigger.AccumulationMode.ACCUMULATING if accumulating else _trigger.AccumulationMode.DISCARDING,
+        allowed_lateness=Duration(seconds=opts.allowed_lateness),
+    )
+
+
+class _WindowManifestFn(beam.DoFn):
+    """Write one window's manifest (cumulative over its panes) to OUT/manifests/<label>.json, atomically."""
+
+    def __init__(self, out_dir: str, policy_ref: Any, runtime: Any, runner: str) -> None:
+        self.out_dir = out_dir
+        self.policy_ref = policy_ref
+        self.runtime = runtime
+        self.runner = runner
+
+    def setup(self) -> None:
+        self.policy = self.policy_ref.compile()
+
+    def process(self, stats: RunStats, window=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam) -> Iterator[str]:
+        from cloakbeam.pipeline.manifest import build_manifest
+
+        start, end = float(window.start), float(window.end)
+        label = window_label(start, end)
+        manifest = build_manifest(
+            run_id=self.runtime.run_id,
+            started=dt.datetime.fromtimestamp(start, dt.timezone.utc),
+            finished=dt.datetime.fromtimestamp(end, dt.timezone.utc),
+            runner=self.runner,
+            policy=self.policy,
+            stats=stats,
+            key_ref=self.runtime.keys.describe(),
+            streaming=True,
+        )
+        manifest["window"] = {
+            "label": label,
+            "start": manifest.pop("started_at"),
+            "end": manifest.pop("finished_at"),
+            "pane_index": int(getattr(pane, "index", 0)),
+            "timing": {0: "EARLY", 1: "ON_TIME", 2: "LATE"}.get(getattr(pane, "timing", 3), "UNKNOWN"),
+        }
+        manifest.pop("seconds", None)
+        path = fsio.join(self.out_dir, MANIFESTS_DIR, f"{label}.json")
+        with fsio.atomic_writer(path) as w:
+            w.write(json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n")
+        yield path
+
+
+class _WindowBatchIdFn(beam.DoFn):
+    """Name batches by window + pane + position after a step that regroups a window's records (k-anonymity
+    merges a pane into one table, losing the source batch ids), and cut them back to `batch_size` rows.
+
+    The name must not depend on content: encrypted cells differ on every run, so a content hash would give
+    a restart new file names, i.e. duplicates. Position counts per (window, pane) within the bundle: the
+    regrouping step emits a pane's batches from one call, in order."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = max(1, int(batch_size))
+
+    def start_bundle(self) -> None:
+        self.counters: dict[tuple[str, int], int] = {}
+
+    def process(self, element: Any, window=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam) -> Iterator[Any]:
+        from cloakbeam.transforms.write import BATCH_ID_KEY
+
+        if is_stats(element):
+            yield element
+            return
+        label = window_label(float(window.start), float(window.end)).split("=", 1)[1]
+        index = int(getattr(pane, "index", 0))
+        key = (label, index)
+        for start in range(0, element.num_rows, self.batch_size):
+            n = self.counters.get(key, 0)
+            self.counters[key] = n + 1
+            part = element.slice(start, self.batch_size)
+            meta = dict(part.schema.metadata or {})
+            meta[BATCH_ID_KEY] = f"w{label}-p{index:03d}-{n:06d}".encode()
+            yield part.replace_schema_metadata(meta)
+
+
+class _MergeWindowStats(beam.CombineFn):
+    def create_accumulator(self) -> RunStats:
+        return RunStats()
+
+    def add_input(self, acc: RunStats, element: Any) -> RunStats:
+        if is_stats(element):
+            acc.merge(element)
+        return acc
+
+    def merge_accumulators(self, accs: Iterable[RunStats]) -> RunStats:
+        return RunStats.merged(accs)
+
+    def extract_output(self, acc: RunStats) -> RunStats:
+        out = RunStats.merged([acc])  # a copy: accumulating panes keep adding to `acc`
+        out.files = sorted({f.path: f for f in out.files}.values(), key=lambda f: f.path)
+        return out
+
+
+class ProtectWindowed(beam.PTransform):
+    """File paths (timestamped) in, committed window manifests' paths out; see the module docstring."""
+
+    def __init__(self, run: Any, opts: StreamOptions) -> None:
+        super().__init__()
+        self.run = run
+        self.opts = opts.check()
+
+    def expand(self, paths):
+        from cloakbeam.transforms.steps import PolicyRef, ProtectRecords, WriteTrainingParquet, _ReadFileFn
+        from apache_beam.io import fileio
+
+        run, s = self.run, self.run.settings
+        schema = run.policy.schema
+        records = (
+            paths
+            | "Window" >> _windowing(self.opts, accumulating=False)
+            | "KeyByPath" >> beam.Map(lambda p: (p, p))
+            | "OncePerWindow" >> beam.GroupByKey()
+            | "Path" >> beam.Map(lambda kv: kv[0])
+            | "Open" >> fileio.ReadMatches()
+            | "Parse" >> beam.ParDo(_ReadFileFn(schema.avro, schema.source, s.input_format, s.batch_size, run.out_dir, run.runtime))
+        )
+        protected = records | "ProtectRecords" >> ProtectRecords(run.policy, run.runtime)
+        kanon = run.policy.sections.get("k_anonymity")
+        if kanon is not None:
+            protected = (
+                protected
+                | "EnforceKAnonymity" >> kanon.streaming_transform(run.runtime)
+                | "WindowBatchIds" >> beam.ParDo(_WindowBatchIdFn(s.batch_size))
+            )
+        written = protected | "WriteTrainingParquet" >> WriteTrainingParquet(run.out_dir, run.runtime, run.policy)
+        return (
+            written
+            | "WindowStats" >> _windowing(self.opts, accumulating=True)
+            | "MergeWindowStats" >> beam.CombineGlobally(_MergeWindowStats()).without_defaults()
+            | "CommitWindow" >> beam.ParDo(_WindowManifestFn(run.out_dir, PolicyRef.of(run.policy), run.runtime, s.runner))
+        )
+
+
+def stream_options_for(policy: Any, runner_options: dict[str, Any]) -> StreamOptions:
+    """StreamOptions from CLI options, reconciled with the policy's k-anonymity window (which must match)."""
+    kanon = policy.sections.get("k_anonymity")
+    spec = getattr(kanon, "spec", None)
+    window = runner_options.get("window_seconds")
+    lateness = runner_options.get("allowed_lateness")
+    if spec is not None:
+        if window is not None and float(window) != float(spec.window_seconds):
+            raise ConfigError(
+                f"--window-seconds {window} differs from the policy's k_anonymity window ({spec.window_seconds} s); "
+                "drop the option or change k_anonymity.streaming.window_seconds so both agree"
+            )
+        window = spec.window_seconds
+        if lateness is not None and float(lateness) != float(spec.allowed_lateness_seconds):
+            raise ConfigError("--allowed-lateness differs from the policy's k_anonymity.streaming.allowed_lateness_seconds; make them agree")
+        lateness = spec.allowed_lateness_seconds
+    return StreamOptions(
+        window_seconds=float(window if window is not None else 60.0),
+        allowed_lateness=float(lateness if lateness is not None else 0.0),
+        poll_seconds=float(runner_options.get("poll_seconds") or 5.0),
+        watch_seconds=float(runner_options["watch_seconds"]) if runner_options.get("watch_seconds") else None,
+    ).check()
+
+
+def build_streaming_graph(p: Any, run: Any, opts: StreamOptions, source: Any = None) -> Any:
+    """Attach the streaming graph to `p`; `source` (a PTransform over PBegin yielding timestamped paths)
+    defaults to watching the run's input patterns."""
+    src = source if source is not None else WatchDirectory(run.settings.inputs, opts.poll_seconds, opts.watch_seconds)
+    return p | "Source" >> src | "ProtectWindowed" >> ProtectWindowed(run, opts)
+
+
+# ------------------------------------------------------------------------------------------------ launcher
+def read_window_manifests(out_dir: str) -> list[dict[str, Any]]:
+    """Every committed window manifest under OUT/manifests/, sorted by window label (local outputs)."""
+    d = os.path.join(out_dir, MANIFESTS_DIR)
+    if not os.path.isdir(d):
+        return []
+    out = []
+    for name in sorted(os.listdir(d)):
+        if name.startswith("window=") and name.endswith(".json"):
+            with open(os.path.join(d, name), encoding="utf-8") as fh:
+                out.append(json.load(fh))
+    return out
+
+
+def stats_from_window_manifests(manifests: Iterable[dict[str, Any]]) -> RunStats:
+    """Rebuild the merged RunStats of a streaming run from its committed window manifests."""
+    total = RunStats()
+    for m in manifests:
+        s = RunStats()
+        s.counts.update(m["counts"])
+        s.fields.update(m.get("field_stats", {}))
+        s.reasons.update(m.get("quarantine_reasons", {}))
+        for kind, key in (("data", "outputs"), ("quarantine", "quarantine")):
+            for f in m.get(key, []):
+                s.files.append(FileStat(path=f["path"], rows=f["rows"], bytes=f["bytes"], sha256=f["sha256"], kind=kind, window=f.get("window")))
+        for i in m.get("inputs", []):
+            i = dict(i)
+            s.inputs[i.pop("path")] = i
+        s.extra.update(m.get("extra", {}))
+        total.merge(s)
+    total.files.sort(key=lambda f: f.path)
+    return total
+
+
+def run_streaming(settings: Any) -> dict[str, Any]:
+    """Run the streaming graph on a streaming-capable runner until the watch ends (local runs: --watch-seconds),
+    then write OUT/manifest.json summarizing every committed window. On production runners the job does not
+    end; the per-window manifests are the record."""
+    from cloakbeam.pipeline.graph import _attach_key_records, _nullcontext, _sign, prepare
+    from cloakbeam.pipeline.manifest import build_manifest, check_reconciled, write_manifest
+    from cloakbeam.runners import make_runner
+
+    opts_in = dict(settings.runner_options or {})
+    opts_in["streaming"] = True
+    settings.runner_options = opts_in
+    run = prepare(settings)
+    opts = stream_options_for(run.policy, opts_in)
+    started = dt.datetime.now(dt.timezone.utc)
+    runner, options = make_runner(settings.runner, settings.beam_args, opts_in)
+    with runner.session() if hasattr(runner, "session") else _nullcontext():
+        p = beam.Pipeline(runner=runner.beam_runner, options=options)
+        build_streaming_graph(p, run, opts)
+        p.run().wait_until_finish()
+    finished = dt.datetime.now(dt.timezone.utc)
+    windows = read_window_manifests(run.out_dir)
+    stats = stats_from_window_manifests(windows)
+    manifest = build_manifest(
+        run_id=run.runtime.run_id, started=started, finished=finished, runner=settings.runner, policy=run.policy,
+        stats=stats, key_ref=run.runtime.keys.describe(), streaming=True,
+    )
+    manifest["windows"] = [
+        {"label": w["window"]["label"], "manifest": f"{MANIFESTS_DIR}/{w['window']['label']}.json", "counts": w["counts"], "reconciled": w["reconciled"], "pane_index": w["window"]["pane_index"]}
+        for w in windows
+    ]
+    _attach_key_records(manifest, run)
+    path = write_manifest(run.out_dir, manifest)
+    _sign(path, run)
+    check_reconciled(manifest)
+    return manifest
