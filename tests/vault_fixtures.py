@@ -145,14 +145,20 @@ def tokenize_worker(
     from cloakbeam.keys.service import KeyRef, open_key_service
     from cloakbeam.vault import Domain, TokenFormat, open_vault
 
-    if dsn:
-        os.environ["CLOAKBEAM_VAULT_DSN"] = dsn
-    ks = open_key_service(KeyRef(provider="local", path=key_path))
-    vault = open_vault(ref, ks)
-    dom = Domain(domain["name"], TokenFormat(**domain["fmt"]), domain["normalize"])
-    barrier.wait(timeout=60)
-    result: dict[str, str] = {}
-    for batch in batches:
-        result.update(zip(batch, vault.tokenize(dom, batch)))
-    vault.close()
-    out.put(result)
+    try:
+        if dsn:
+            os.environ["CLOAKBEAM_VAULT_DSN"] = dsn
+        ks = open_key_service(KeyRef(provider="local", path=key_path))
+        vault = open_vault(ref, ks)
+        dom = Domain(domain["name"], TokenFormat(**domain["fmt"]), domain["normalize"])
+        barrier.wait(timeout=300)
+        result: dict[str, str] = {}
+        for batch in batches:
+            result.update(zip(batch, vault.tokenize(dom, batch)))
+        vault.close()
+        out.put(result)
+    except BaseException as exc:  # report instead of leaving the parent waiting
+        import traceback
+
+        out.put({"__error__": f"{exc.__class__.__name__}: {traceback.format_exc()[-1500:]}"})
+        raise

@@ -4,7 +4,8 @@ Tables (same logical schema on both backends; see docs/token-vault.md):
 
     cloakbeam_vault_domains  domain PK, normalize, format (JSON), created_at
     cloakbeam_vault_keys     key_id PK, wrapped (nonce || AES-256-GCM(KEK, DEK)), created_at
-    cloakbeam_vault_entries  (domain, token) PK, (domain, bidx) UNIQUE, key_id, counter, ciphertext
+    cloakbeam_vault_entries  (domain, token) PK, (domain, bidx) UNIQUE, key_id (subject keys only; NULL = the
+                             entry's own key, whose id is its bidx), counter, ciphertext
                              (nonce || AES-256-GCM(DEK, value)), created_at, expires_at, forgotten_at
 
 Writes are idempotent and convergent: the token is a PRF of the value (no read needed to compute it); rows go in
@@ -109,7 +110,7 @@ CREATE TABLE IF NOT EXISTS cloakbeam_vault_entries (
   ciphertext BLOB, created_at INTEGER NOT NULL, expires_at INTEGER, forgotten_at INTEGER,
   PRIMARY KEY (domain, token)) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS cloakbeam_vault_entries_bidx ON cloakbeam_vault_entries (domain, bidx);
-CREATE INDEX IF NOT EXISTS cloakbeam_vault_entries_key ON cloakbeam_vault_entries (key_id);
+CREATE INDEX IF NOT EXISTS cloakbeam_vault_entries_subject_key ON cloakbeam_vault_entries (key_id) WHERE key_id IS NOT NULL;
 """
 
 _PG_DDL = """
@@ -121,7 +122,7 @@ CREATE TABLE IF NOT EXISTS cloakbeam_vault_entries (
   domain TEXT NOT NULL, token TEXT NOT NULL, bidx BYTEA, key_id BYTEA, counter INTEGER NOT NULL,
   ciphertext BYTEA, created_at BIGINT NOT NULL, expires_at BIGINT, forgotten_at BIGINT,
   PRIMARY KEY (domain, token), UNIQUE (domain, bidx));
-CREATE INDEX IF NOT EXISTS cloakbeam_vault_entries_key ON cloakbeam_vault_entries (key_id);
+CREATE INDEX IF NOT EXISTS cloakbeam_vault_entries_subject_key ON cloakbeam_vault_entries (key_id) WHERE key_id IS NOT NULL;
 """
 
 _ENTRY_COLS = "token, bidx, key_id, counter, ciphertext, created_at, expires_at, forgotten_at"
@@ -201,7 +202,7 @@ class SQLiteBackend(_Backend):
             out.update((bytes(k), bytes(w)) for k, w in self.conn.execute(q, tuple(part)))
         return out
 
-    def insert_entries(self, domain: str, rows: Sequence[tuple[str, bytes, bytes, int, bytes]], now: int, expires: int | None) -> int:
+    def insert_entries(self, domain: str, rows: Sequence[tuple[str, bytes, bytes | None, int, bytes]], now: int, expires: int | None) -> int:
         """Insert entries; return how many were actually inserted (conflicts on token or blind index skip)."""
         before = self.conn.total_changes
         self.conn.executemany(
@@ -221,15 +222,19 @@ class SQLiteBackend(_Backend):
 
     def key_of_bidx(self, domain: str, bidx: bytes) -> bytes | None:
         row = self.conn.execute("SELECT key_id FROM cloakbeam_vault_entries INDEXED BY cloakbeam_vault_entries_bidx WHERE domain = ? AND bidx = ?", (domain, bidx)).fetchone()
-        return bytes(row[0]) if row and row[0] is not None else None
+        if row is None:
+            return None
+        return bytes(row[0]) if row[0] is not None else bidx
 
-    def shred(self, key_id: bytes, now: int) -> int:
+    def shred(self, key_id: bytes, now: int, domain: str | None = None) -> int:
+        """Delete a data key and blank the entries it protected: subject-keyed entries (key_id = it) and, with
+        `domain`, the entry whose own key it is (key_id NULL, bidx = it)."""
         self.conn.execute("DELETE FROM cloakbeam_vault_keys WHERE key_id = ?", (key_id,))
-        cur = self.conn.execute(
-            "UPDATE cloakbeam_vault_entries SET bidx = NULL, key_id = NULL, ciphertext = NULL, forgotten_at = ? WHERE key_id = ?",
-            (now, key_id),
-        )
-        return cur.rowcount
+        blank = "UPDATE cloakbeam_vault_entries SET bidx = NULL, key_id = NULL, ciphertext = NULL, forgotten_at = ?"
+        n = self.conn.execute(blank + " WHERE key_id = ?", (now, key_id)).rowcount
+        if domain is not None:
+            n += self.conn.execute(blank + " WHERE domain = ? AND bidx = ? AND key_id IS NULL", (now, domain, key_id)).rowcount
+        return n
 
     def shred_expired(self, domain: str | None, now: int) -> int:
         """Blank every expired, not yet forgotten entry; delete the data keys no live entry uses any more."""
@@ -242,7 +247,7 @@ class SQLiteBackend(_Backend):
         )
         self.conn.execute("DELETE FROM cloakbeam_expired_keys")
         self.conn.execute(
-            f"INSERT INTO cloakbeam_expired_keys SELECT DISTINCT key_id FROM cloakbeam_vault_entries WHERE {expired} AND key_id IS NOT NULL",
+            f"INSERT INTO cloakbeam_expired_keys SELECT DISTINCT COALESCE(key_id, bidx) FROM cloakbeam_vault_entries WHERE {expired}",
             args,
         )
         cur = self.conn.execute(
@@ -336,7 +341,7 @@ class PostgresBackend(_Backend):
         cur = self.conn.execute("SELECT key_id, wrapped FROM cloakbeam_vault_keys WHERE key_id = ANY(%b::bytea[])", (list(key_ids),), binary=True)
         return {bytes(k): bytes(w) for k, w in cur}
 
-    def insert_entries(self, domain: str, rows: Sequence[tuple[str, bytes, bytes, int, bytes]], now: int, expires: int | None) -> int:
+    def insert_entries(self, domain: str, rows: Sequence[tuple[str, bytes, bytes | None, int, bytes]], now: int, expires: int | None) -> int:
         if not rows:
             return 0
         rows = sorted(rows, key=lambda r: r[1])
@@ -359,15 +364,19 @@ class PostgresBackend(_Backend):
 
     def key_of_bidx(self, domain: str, bidx: bytes) -> bytes | None:
         row = self.conn.execute("SELECT key_id FROM cloakbeam_vault_entries WHERE domain = %s AND bidx = %s", (domain, bidx)).fetchone()
-        return bytes(row[0]) if row and row[0] is not None else None
+        if row is None:
+            return None
+        return bytes(row[0]) if row[0] is not None else bidx
 
-    def shred(self, key_id: bytes, now: int) -> int:
+    def shred(self, key_id: bytes, now: int, domain: str | None = None) -> int:
+        """Delete a data key and blank the entries it protected: subject-keyed entries (key_id = it) and, with
+        `domain`, the entry whose own key it is (key_id NULL, bidx = it)."""
         self.conn.execute("DELETE FROM cloakbeam_vault_keys WHERE key_id = %s", (key_id,))
-        cur = self.conn.execute(
-            "UPDATE cloakbeam_vault_entries SET bidx = NULL, key_id = NULL, ciphertext = NULL, forgotten_at = %s WHERE key_id = %s",
-            (now, key_id),
-        )
-        return cur.rowcount
+        blank = "UPDATE cloakbeam_vault_entries SET bidx = NULL, key_id = NULL, ciphertext = NULL, forgotten_at = %s"
+        n = self.conn.execute(blank + " WHERE key_id = %s", (now, key_id)).rowcount
+        if domain is not None:
+            n += self.conn.execute(blank + " WHERE domain = %s AND bidx = %s AND key_id IS NULL", (now, domain, key_id)).rowcount
+        return n
 
     def shred_expired(self, domain: str | None, now: int) -> int:
         """Blank every expired, not yet forgotten entry; delete the data keys no live entry uses any more."""
@@ -380,7 +389,7 @@ class PostgresBackend(_Backend):
         )
         self.conn.execute("DELETE FROM cloakbeam_expired_keys")
         self.conn.execute(
-            f"INSERT INTO cloakbeam_expired_keys SELECT DISTINCT key_id FROM cloakbeam_vault_entries WHERE {expired} AND key_id IS NOT NULL",
+            f"INSERT INTO cloakbeam_expired_keys SELECT DISTINCT COALESCE(key_id, bidx) FROM cloakbeam_vault_entries WHERE {expired}",
             args,
         )
         cur = self.conn.execute(
@@ -628,7 +637,7 @@ class Vault:
         pending = list(range(len(new)))  # positions into `new`
         while pending:
             toks = tk.tokens([vals[new[p]] for p in pending], [counters[p] for p in pending])
-            rows = [(t, bidx[new[p]], kids[p], counters[p], cts[p]) for p, t in zip(pending, toks)]
+            rows = [(t, bidx[new[p]], kids[p] if kids[p] != bidx[new[p]] else None, counters[p], cts[p]) for p, t in zip(pending, toks)]
             if be.insert_entries(name, rows, now, expires) == len(rows):
                 check = {bidx[new[p]]: t for p, t in zip(pending, toks)}  # no conflict: every token is ours
             else:
@@ -653,7 +662,10 @@ class Vault:
         domain = self.domain(domain_name)
         now = time.time() if now is None else now
         entries = self.backend.entries_by_token(domain_name, list(dict.fromkeys(tokens)))
-        kids = sorted({e.key_id for e in entries.values() if e.key_id is not None})
+        def kid(e: Entry) -> bytes | None:
+            return e.key_id if e.key_id is not None else e.bidx  # NULL key_id: the entry's own key (id = bidx)
+
+        kids = sorted({k for k in map(kid, entries.values()) if k is not None})
         wrapped = self.backend.get_keys(kids)
         deks: dict[bytes, AESGCM] = {k: self._unwrap(k, w) for k, w in wrapped.items()}
         tk = self.tokenizer(domain)
@@ -664,14 +676,15 @@ class Vault:
             if e is None:
                 out.append(("not_found", None))
                 continue
-            if e.forgotten_at is not None or e.key_id is None or e.key_id not in deks or e.ciphertext is None or e.bidx is None:
+            k = kid(e)
+            if e.forgotten_at is not None or k is None or k not in deks or e.ciphertext is None or e.bidx is None:
                 out.append(("forgotten", None))
                 continue
             if e.expires_at is not None and now >= e.expires_at:
                 out.append(("expired", None))
                 continue
             try:
-                value = deks[e.key_id].decrypt(e.ciphertext[:12], e.ciphertext[12:], _ENTRY_AAD + name_b + e.bidx).decode()
+                value = deks[k].decrypt(e.ciphertext[:12], e.ciphertext[12:], _ENTRY_AAD + name_b + e.bidx).decode()
             except InvalidTag:
                 raise IntegrityError(f"vault entry for a token of domain '{domain_name}' fails authentication (tampered row)") from None
             if tk.token_at(value, e.counter) != tok or self.blind_index(domain_name, [value])[0] != e.bidx:
@@ -694,7 +707,7 @@ class Vault:
         b = self.blind_index(domain_name, [norm])[0]
         with self.backend.transaction():
             kid = self.backend.key_of_bidx(domain_name, b)
-            n = self.backend.shred(kid, int(time.time())) if kid is not None else 0
+            n = self.backend.shred(kid, int(time.time()), domain_name) if kid is not None else 0
         self._after_forget()
         return n
 
