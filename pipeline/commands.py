@@ -64,6 +64,11 @@ def _common_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in the output directory")
     p.add_argument("--dask-address", default=None, help="dask scheduler address (runner dask); without it a LocalCluster is started")
     p.add_argument("--workers", type=int, default=None, help="worker processes for local clusters")
+    p.add_argument("--streaming", action="store_true", help="watch --input for new files and protect them per event-time window (docs/runners.md)")
+    p.add_argument("--window-seconds", type=float, default=None, help="streaming: fixed window size (default 60, or the policy's k_anonymity window)")
+    p.add_argument("--allowed-lateness", type=float, default=None, help="streaming: seconds a window accepts late files (default 0)")
+    p.add_argument("--poll-seconds", type=float, default=None, help="streaming: how often the local watch lists --input (default 5)")
+    p.add_argument("--watch-seconds", type=float, default=None, help="streaming: stop watching after this long (default: forever)")
 
 
 def _runner_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -72,6 +77,15 @@ def _runner_options(args: argparse.Namespace) -> dict[str, Any]:
         opts["dask_address"] = args.dask_address
     if getattr(args, "workers", None):
         opts["workers"] = args.workers
+    if getattr(args, "streaming", False):
+        opts["streaming"] = True
+        for name in ("window_seconds", "allowed_lateness", "poll_seconds", "watch_seconds"):
+            if getattr(args, name, None) is not None:
+                opts[name] = getattr(args, name)
+    else:
+        given = [n for n in ("window_seconds", "allowed_lateness", "poll_seconds", "watch_seconds") if getattr(args, n, None) is not None]
+        if given:
+            raise ConfigError(f"--{given[0].replace('_', '-')} applies to --streaming runs only")
     return opts
 
 

@@ -69,13 +69,14 @@ def prepare(settings: RunSettings) -> PreparedRun:
         raise ConfigError("--batch-size must be a positive number of rows")
     schema = load_schema(settings.schema)
     policy = load_policy(settings.policy, schema)
-    _check_inputs(settings.inputs)
+    if not settings.runner_options.get("streaming"):  # a streaming watch may start before its first file
+        _check_inputs(settings.inputs)
     config = load_config_file(settings.config)
     state = resolve_state_dir(settings.state_dir, config)
     keys = key_ref_from(config, state)
     vault = vault_ref_from(config, state)
     out_dir = settings.output if not fsio.is_local(settings.output) else os.path.abspath(settings.output)
-    _prepare_output(out_dir, settings.overwrite)
+    _prepare_output(out_dir, settings.overwrite, resume=bool(settings.runner_options.get("streaming")))
     if keys.provider == "local":
         from cloakbeam.keys.service import ensure_local_keyring
 
@@ -113,12 +114,17 @@ def _check_inputs(patterns: Sequence[str]) -> None:
             raise ConfigError(f"input pattern {pattern} matches no file")
 
 
-def _prepare_output(out_dir: str, overwrite: bool) -> None:
+def _prepare_output(out_dir: str, overwrite: bool, resume: bool = False) -> None:
     if not fsio.is_local(out_dir):
         return
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError(f"output {out_dir} exists and is not a directory")
-    existing = [n for n in ("data", "quarantine", "manifest.json") if os.path.exists(os.path.join(out_dir, n))]
+    if resume and not overwrite:
+        # A streaming run resumes into its output: file and window-manifest names are deterministic, so a
+        # restart rewrites the same files instead of adding duplicates (pipeline/streaming.py).
+        os.makedirs(out_dir, exist_ok=True)
+        return
+    existing = [n for n in ("data", "quarantine", "manifest.json", "manifests") if os.path.exists(os.path.join(out_dir, n))]
     if existing and not overwrite:
         raise ConfigError(f"output directory {out_dir} already holds a run ({existing[0]}); choose another --output or pass --overwrite")
     for n in existing:
@@ -150,6 +156,10 @@ def run_pipeline(settings: RunSettings) -> dict[str, Any]:
     from cloakbeam.pipeline.progress import ProgressListener
     from cloakbeam.runners import make_runner
 
+    if settings.runner_options.get("streaming"):
+        from cloakbeam.pipeline.streaming import run_streaming
+
+        return run_streaming(settings)
     run = prepare(settings)
     started = dt.datetime.now(dt.timezone.utc)
     with ProgressListener(enabled=settings.progress) as progress:

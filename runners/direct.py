@@ -37,14 +37,13 @@ def make(beam_args: Sequence[str], runner_options: Mapping[str, Any] | None) -> 
     opts = reject_unknown("direct", runner_options, OPTIONS)
     options = PipelineOptions(list(beam_args))
     if opts.get("streaming"):
-        # The FnApiRunner runs unbounded sources as batch; the bundle-based DirectRunner keeps watermarks,
-        # triggers, late panes and user state (TestStream runs there too). Built directly: no Prism download.
-        from apache_beam.runners.direct.direct_runner import BundleBasedDirectRunner
-
+        # The local directory watch (PeriodicImpulse, a splittable DoFn, + user state) runs on the FnApiRunner,
+        # which executes it stage by stage: files are picked up as they arrive and windows are committed when
+        # the watch ends. The bundle-based DirectRunner cannot expand PeriodicImpulse in streaming mode; it is
+        # what runs TestStream (tests), with real watermarks, triggers and late panes.
         if opts.get("workers"):
             raise ConfigError("--workers does not apply to a local streaming run")
-        options.view_as(StandardOptions).streaming = True
-        return DirectHandle(BundleBasedDirectRunner(), options), options
+        return DirectHandle(fn_api_runner(options), options), options
     if options.view_as(StandardOptions).streaming:
         raise ConfigError("the batch pipeline does not take Beam's --streaming; use `cloakbeam run --streaming` (streaming graph) instead")
     direct = options.view_as(DirectOptions)
