@@ -66,7 +66,7 @@ def test_two_processes_converge_with_one_row_per_value(backend: Any, keyring: An
             results.append(out.get(timeout=2))
         except queue.Empty:
             dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-            assert not dead, f"a worker died (exit code {dead[0]}) without reporting"  # its error would be queued first
+            assert not dead, f"a worker died (exit code {dead[0]}): {[r['__error__'] for r in results if '__error__' in r]}"
             assert time.monotonic() < deadline, "workers did not finish in 600 s"
     errors = [r["__error__"] for r in results if "__error__" in r]
     assert not errors, errors[0]
