@@ -66,6 +66,7 @@ def _runner_class() -> type:
 
             dask_options = options.view_as(DaskOptions).get_all_options(drop_default=True, current_only=True)
             bag_kwargs = DaskOptions._extract_bag_kwargs(dask_options)
+            npartitions = int(bag_kwargs.get("npartitions") or 1)
             client = ddist.Client(**dask_options)
             try:
                 pipeline.replace_all(dask_overrides())
@@ -73,6 +74,14 @@ def _runner_class() -> type:
 
                 class MaterializingVisitor(base):  # type: ignore[misc, valid-type]
                     def visit_transform(self, node: Any) -> None:
+                        if type(node.transform).__name__ == "_Reshuffle" and len(node.inputs) == 1:
+                            # Beam's DaskRunner turns Reshuffle into a no-op, so one input pattern keeps every
+                            # file in one partition (one worker). Spread the elements over the partitions.
+                            producer = node.inputs[0].producer
+                            if producer in self.bags:
+                                bag = self.bags[producer]
+                                self.bags[node] = bag.repartition(npartitions=max(bag.npartitions, npartitions))
+                                return
                         swapped = {}
                         mains = {pc.producer for pc in node.inputs if hasattr(pc, "producer")}
                         for si in node.side_inputs:

@@ -111,3 +111,15 @@ class PidDoFn(_beam.DoFn):
         import os
 
         yield (element, os.getpid())
+
+
+class BundleTagDoFn(_beam.DoFn):
+    """Tags each element with an id of the bundle (on Dask: the partition) that processed it."""
+
+    def start_bundle(self):
+        import uuid
+
+        self.bundle = uuid.uuid4().hex
+
+    def process(self, element):
+        yield (element, self.bundle)

@@ -14,7 +14,7 @@ from cloakbeam.errors import ConfigError
 from cloakbeam.runners import make_runner
 from cloakbeam.runners.dask import start_local_cluster
 from cloakbeam.runners.shape import dask_shape_problems
-from cloakbeam.tests.runners_fixtures import PidDoFn, make_inputs, run_reference
+from cloakbeam.tests.runners_fixtures import BundleTagDoFn, PidDoFn, make_inputs, run_reference
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,15 @@ def test_work_runs_in_worker_processes_not_the_launcher(cluster):
     pids = {pid for _, pid in out}
     assert pids and os.getpid() not in pids
     assert sorted(x for x, _ in out) == list(range(40))
+
+
+@pytest.mark.slow
+def test_reshuffle_spreads_one_partition_over_the_cluster(cluster):
+    """Beam's DaskRunner drops Reshuffle; the profile repartitions there, so files matched from one pattern are
+    read in parallel (4 partitions here) instead of all in the partition of their single pattern."""
+    out = _run_on(cluster, lambda p: p | beam.Create(["x"]) | beam.FlatMap(lambda _: range(8)) | beam.Reshuffle() | beam.ParDo(BundleTagDoFn()))
+    assert sorted(x for x, _ in out) == list(range(8))
+    assert len({b for _, b in out}) == 4
 
 
 @pytest.mark.slow
