@@ -122,6 +122,27 @@ class WatchDirectory(beam.PTransform):
         )
 
 
+class MatchContinuouslySource(beam.PTransform):
+    """Unbounded source of new file paths for production runners (Flink, Dataflow): Beam's
+    fileio.MatchContinuously, with each file's modification time as its event time. Not run here: on local
+    runners MatchContinuously polls once and stops (see WatchDirectory)."""
+
+    def __init__(self, patterns: Sequence[str], poll_seconds: float = 30.0) -> None:
+        super().__init__()
+        self.patterns = list(patterns)
+        self.poll_seconds = poll_seconds
+
+    def expand(self, pbegin):
+        from apache_beam.io import fileio
+
+        streams = [
+            pbegin | f"Match{i}" >> fileio.MatchContinuously(pattern, interval=self.poll_seconds, has_deduplication=True)
+            for i, pattern in enumerate(self.patterns)
+        ]
+        merged = streams[0] if len(streams) == 1 else tuple(streams) | "MergePatterns" >> beam.Flatten()
+        return merged | "EventTime" >> beam.Map(lambda m: TimestampedValue(m.path, Timestamp.of(float(m.last_updated_in_seconds or 0.0))))
+
+
 # ------------------------------------------------------------------------------------------------ windows
 def _windowing(opts: StreamOptions, accumulating: bool) -> beam.WindowInto:
     return beam.WindowInto(
@@ -290,7 +311,12 @@ def stream_options_for(policy: Any, runner_options: dict[str, Any]) -> StreamOpt
 def build_streaming_graph(p: Any, run: Any, opts: StreamOptions, source: Any = None) -> Any:
     """Attach the streaming graph to `p`; `source` (a PTransform over PBegin yielding timestamped paths)
     defaults to watching the run's input patterns."""
-    src = source if source is not None else WatchDirectory(run.settings.inputs, opts.poll_seconds, opts.watch_seconds)
+    if source is not None:
+        src = source
+    elif run.settings.runner in ("flink", "dataflow"):
+        src = MatchContinuouslySource(run.settings.inputs, opts.poll_seconds)
+    else:
+        src = WatchDirectory(run.settings.inputs, opts.poll_seconds, opts.watch_seconds)
     return p | "Source" >> src | "ProtectWindowed" >> ProtectWindowed(run, opts)
 
 

@@ -233,3 +233,20 @@ def test_cli_watch_picks_up_files_as_they_arrive(tmp_path, capsys):
     assert m["windows"] and all(w["reconciled"] for w in m["windows"])
     for w in m["windows"]:
         assert (tmp_path / "out" / w["manifest"]).is_file()
+
+
+@pytest.mark.parametrize("runner", ["flink", "dataflow"])
+def test_production_streaming_graph_translates_to_portable_proto(tmp_path, runner):
+    """On Flink/Dataflow the source is fileio.MatchContinuously; the graph must build and translate (not run here)."""
+    from cloakbeam.pipeline.streaming import StreamOptions
+
+    run = prepare(RunSettings(inputs=[str(tmp_path / "*.jsonl")], schema=str(SCHEMA), policy=str(POLICY), output=str(tmp_path / "out"), state_dir=str(tmp_path / "s"), progress=False, runner_options={"streaming": True}))
+    run.settings.runner = runner
+    options = PipelineOptions([])
+    options.view_as(StandardOptions).streaming = True
+    p = beam.Pipeline(options=options)
+    build_streaming_graph(p, run, stream_options_for(run.policy, {}))
+    proto = p.to_runner_api()
+    names = " ".join(t.unique_name for t in proto.components.transforms.values())
+    assert "Source/Match0" in names and "CommitWindow" in names and "Tick" not in names
+    assert isinstance(stream_options_for(run.policy, {}), StreamOptions)
