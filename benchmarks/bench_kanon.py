@@ -36,7 +36,7 @@ def make_spec(qis: int = 4) -> KAnonSpec:
         QuasiIdentifier("income", Hierarchy("band", (10000, 50000, 100000))),
     ]
     for i in range(qis - 4):
-        q.append(QuasiIdentifier(f"extra{i}", Hierarchy("band", (5, 10, 20, 50))))
+        q.append(QuasiIdentifier(f"extra{i}", Hierarchy("band", (5, 10, 20, 40))))
     return KAnonSpec(tuple(q[:qis]), 10, 0.02, "diagnosis", 2)
 
 

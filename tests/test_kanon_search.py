@@ -147,7 +147,7 @@ def test_search_stays_fast_and_pruned_at_eight_qis():
             qis.append(QuasiIdentifier(f"c{i}", Hierarchy("prefix", (4, 3, 2, 1))))
         else:
             cols[f"c{i}"] = pa.array(rng.integers(0, 100, n).astype(str))
-            qis.append(QuasiIdentifier(f"c{i}", Hierarchy("band", (5, 10, 20, 50))))
+            qis.append(QuasiIdentifier(f"c{i}", Hierarchy("band", (5, 10, 20, 40))))
     spec = KAnonSpec(tuple(qis), 10, 0.02)
     lat = Lattice(frequency_set(cols, spec), spec)
     res = search(lat)
@@ -219,3 +219,15 @@ def test_histogram_buckets():
         "1": {"classes": 1, "records": 1}, "2": {"classes": 1, "records": 2}, "3-4": {"classes": 2, "records": 7},
         "10-19": {"classes": 2, "records": 29}, "20-49": {"classes": 1, "records": 20}, "10000+": {"classes": 1, "records": 12000},
     }
+
+
+def test_non_nesting_hierarchy_disables_roll_up_but_output_stays_k_anonymous():
+    # widths 20 -> 50 do not nest ([40, 60) straddles 50): no roll-up, every node evaluated on the full set.
+    rng = np.random.default_rng(5)
+    cols = {"a": pa.array(rng.integers(0, 100, 3000).astype(str)), "b": pa.array(rng.integers(0, 100, 3000).astype(str))}
+    spec = KAnonSpec((QuasiIdentifier("a", Hierarchy("band", (20, 50))), QuasiIdentifier("b", Hierarchy("band", (5, 10)))), 10, 0.02)
+    lat = Lattice(frequency_set(cols, spec), spec)
+    assert lat.nested is False
+    plan = make_plan(frequency_set(cols, spec), spec)
+    out, s = enforce_table(pa.table(cols), spec, plan)
+    assert s <= 60 and min(Counter(zip(out.column("a").to_pylist(), out.column("b").to_pylist())).values()) >= 10

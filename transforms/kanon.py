@@ -234,6 +234,13 @@ class Lattice:
         self._cache: dict[tuple[int, ...], NodeResult] = {}
         self._full: _View | None = None
         self._maps: dict[tuple[int, int, int], np.ndarray] = {}
+        #: Roll-ups need every level to be a function of the level below on the observed values. Policy
+        #: hierarchies are validated to nest, but float band edges can round differently; then the search
+        #: evaluates everything on the full frequency set instead.
+        self.nested = all(
+            np.array_equal(self._raw_map(i, a, a + 1)[self._codes[i][a]], self._codes[i][a + 1])
+            for i in range(len(self.tops)) for a in range(self.tops[i])
+        )
         self.evaluations = 0
 
     # -- geometry ---------------------------------------------------------------------------------------
@@ -262,6 +269,11 @@ class Lattice:
             self._full = _View(self.bottom, codes, self.counts, self._sens)
         return self._full
 
+    def _raw_map(self, i: int, a: int, b: int) -> np.ndarray:
+        m = np.zeros(self._cards[i][a], np.int64)
+        m[self._codes[i][a]] = self._codes[i][b]
+        return m
+
     def _level_map(self, i: int, a: int, b: int) -> np.ndarray:
         """Code at level a -> code at level b of QI i (hierarchies nest, so this is a function)."""
         hit = self._maps.get((i, a, b))
@@ -269,7 +281,7 @@ class Lattice:
             ca, cb = self._codes[i][a], self._codes[i][b]
             hit = np.zeros(self._cards[i][a], np.int64)
             hit[ca] = cb
-            if not np.array_equal(hit[ca], cb):  # defensive: a non-nesting hierarchy cannot be rolled up
+            if not np.array_equal(hit[ca], cb):  # never used unless `self.nested` was checked first
                 raise ValueError(f"hierarchy of quasi-identifier {self.spec.qis[i].path} does not nest")
             self._maps[(i, a, b)] = hit
         return hit
@@ -283,14 +295,14 @@ class Lattice:
             view._cache[(i, level)] = hit
         return hit
 
-    def rollup_pays(self, view: _View, base: tuple[int, ...]) -> bool:
-        """Roll up only when the new base can at most halve the rows (bound: product of level cardinalities)."""
-        if view.rows <= 4096:
+    def rollup_pays(self, view: _View, base: tuple[int, ...], factor: float = 2.0) -> bool:
+        """Roll up only when the new base can cut the rows by `factor` (bound: product of level cardinalities)."""
+        if view.rows <= 4096 or not self.nested:
             return False
         bound = float(self._n_sens)
         for i, lv in enumerate(base):
             bound *= self._cards[i][lv]
-            if bound >= view.rows / 2:
+            if bound >= view.rows / factor:
                 return False
         return True
 
@@ -299,6 +311,29 @@ class Lattice:
         if base == view.base:
             return view
         codes = [self._codes_at(view, i, lv) for i, lv in enumerate(base)]
+        cards = [self._cards[i][lv] for i, lv in enumerate(base)]
+        total = float(np.prod(np.asarray(cards, np.float64))) * self._n_sens
+        if total <= max(4 * view.rows, 1 << 20):
+            # Small key space: group with one bincount and decode the keys (no sort).
+            key = np.zeros(view.rows, np.int64)
+            for c, card in zip(codes, cards):
+                if card > 1:
+                    key = key * card + c
+            key = key * self._n_sens + view.sens
+            summed = np.bincount(key, weights=view.counts, minlength=int(total))
+            present = np.flatnonzero(summed)
+            counts = summed[present].astype(np.int64)
+            rem = present.copy()
+            sens = rem % self._n_sens
+            rem //= self._n_sens
+            new_codes: list[np.ndarray] = [np.zeros(0)] * len(cards)
+            for i in range(len(cards) - 1, -1, -1):
+                if cards[i] > 1:
+                    new_codes[i] = rem % cards[i]
+                    rem //= cards[i]
+                else:
+                    new_codes[i] = np.zeros(len(present), np.int64)
+            return _View(base, new_codes, counts, sens)
         key = np.zeros(view.rows, np.int64)
         kcard = 1
         for i, lv in enumerate(base):
@@ -464,6 +499,11 @@ def search(lat: Lattice) -> SearchResult:
     def lowest_feasible(node: list[int], i: int, view: _View | None = None, lo: int = -1) -> int:
         """Lowest level of QI i such that `node` with that level satisfies (binary search; top always does)."""
         hi = lat.tops[i]  # level lo fails (or is -1), level hi satisfies
+        if view is not None and hi - lo > 2:
+            # Every node tried here has the other QIs as in `node`: roll the view up to that (often far coarser).
+            base = tuple(max(lv, view.base[j]) if j != i else max(lo + 1, view.base[j]) for j, lv in enumerate(node))
+            if lat.rollup_pays(view, base, factor=4.0):
+                view = lat.rollup(view, base)
         while hi - lo > 1:
             mid = (lo + hi) // 2
             trial = list(node)
@@ -480,7 +520,7 @@ def search(lat: Lattice) -> SearchResult:
     order = sorted(range(q), key=lambda i: -qloss[i][floor[i]])  # most constrained QIs first
     # No satisfying node has a QI below its floor, so the search works on the frequency set rolled up to the
     # floors, and each branch rolls its view up further to the levels it has fixed.
-    root = lat.rollup(lat._full_view(), tuple(floor))
+    root = lat.rollup(lat._full_view(), tuple(floor)) if lat.nested else lat._full_view()
     rest_lb = [0.0] * (q + 1)
     for d in range(q - 1, -1, -1):
         rest_lb[d] = rest_lb[d + 1] + qloss[order[d]][floor[order[d]]]
