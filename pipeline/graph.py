@@ -96,7 +96,7 @@ def prepare(settings: RunSettings) -> PreparedRun:
         check_vault_ref(vault, keys)
     from cloakbeam.runners import check_runner_compatibility
 
-    check_runner_compatibility(settings.runner, runtime, settings.runner_options)
+    check_runner_compatibility(settings.runner, runtime, settings.runner_options, output=out_dir)
     stats_path = fsio.join(out_dir, STATS_DIR, f"{runtime.run_id}.stats")
     return PreparedRun(settings, policy, runtime, out_dir, stats_path)
 

@@ -35,8 +35,9 @@ def make_runner(name: str, beam_args: Sequence[str], runner_options: Mapping[str
     return profile(name).make(list(beam_args or []), dict(runner_options or {}))
 
 
-def check_runner_compatibility(name: str, runtime: Any, runner_options: Mapping[str, Any] | None = None) -> None:
-    """Refuse at construction what runner `name` cannot do correctly with this runtime configuration."""
+def check_runner_compatibility(name: str, runtime: Any, runner_options: Mapping[str, Any] | None = None, output: str | None = None) -> None:
+    """Refuse at construction what runner `name` cannot do correctly with this runtime configuration
+    (and, when given, this output location)."""
     mod = profile(name)
     opts = dict(runner_options or {})
     streaming = bool(opts.get("streaming"))
@@ -45,3 +46,8 @@ def check_runner_compatibility(name: str, runtime: Any, runner_options: Mapping[
     reject_unknown(name, opts, tuple(getattr(mod, "OPTIONS", ())))
     if name in REMOTE_RUNNERS:
         check_remote_state(name, runtime)
+        if output is not None:
+            from cloakbeam.pipeline import fsio
+
+            if fsio.is_local(output):
+                raise ConfigError(f"--runner {name} workers cannot write to the local directory {output}; give --output as gs:// or s3://")

@@ -63,6 +63,13 @@ def test_remote_runner_accepts_postgres_and_kms(name):
     check_runner_compatibility(name, _runtime(**REMOTE_OK), {"streaming": True})
 
 
+@pytest.mark.parametrize("name", ["flink", "dataflow"])
+def test_remote_runner_refuses_local_output(name):
+    with pytest.raises(ConfigError, match=f"--runner {name} workers cannot write to the local directory"):
+        check_runner_compatibility(name, _runtime(**REMOTE_OK), output="/tmp/out")
+    check_runner_compatibility(name, _runtime(**REMOTE_OK), output="gs://bucket/out")
+
+
 @pytest.mark.parametrize("name", ["direct", "dask"])
 def test_local_runners_accept_local_state(name):
     check_runner_compatibility(name, _runtime())
