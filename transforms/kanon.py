@@ -541,6 +541,11 @@ def search(lat: Lattice) -> SearchResult:
         for d in range(q - 1, depth, -1):
             rest[d] = rest[d + 1] + qloss[order[d]][floors[order[d]]]
         i = order[depth]
+        if depth + 1 == q:
+            # Leaves differ only in QI i: evaluate them on the view rolled up to this branch's levels.
+            base = tuple(max(lv, view.base[j]) if j != i else max(floors[i], view.base[j]) for j, lv in enumerate(node))
+            if lat.rollup_pays(view, base, factor=4.0):
+                view = lat.rollup(view, base)
         for lv in range(floors[i], lat.tops[i] + 1):
             lb = assigned + qloss[i][lv] + rest[depth + 1]
             if lb > best.loss + eps:
