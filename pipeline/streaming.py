@@ -267,7 +267,7 @@ class ProtectWindowed(beam.PTransform):
             | "Open" >> fileio.ReadMatches()
             | "Parse" >> beam.ParDo(_ReadFileFn(schema.avro, schema.source, s.input_format, s.batch_size, run.out_dir, run.runtime))
         )
-        protected = records | "ProtectRecords" >> ProtectRecords(run.policy, run.runtime)
+        protected = records | "ProtectRecords" >> ProtectRecords(run.policy, run.runtime, run.out_dir)
         kanon = run.policy.sections.get("k_anonymity")
         if kanon is not None:
             protected = (

@@ -123,3 +123,26 @@ def test_missing_input_fails_at_construction(tmp_path, capsys):
     assert code == 2
     assert "matches no file" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_rows_an_action_rejects_are_quarantined_and_reconciled(tmp_path):
+    """A card number too short for its digits token is not a parse error: Protect rejects that row only."""
+    from cloakbeam.schemas.generate import generate
+
+    src = tmp_path / "in.jsonl"
+    generate(src, 200, seed=3, fmt="jsonl")
+    lines = src.read_text().splitlines()
+    rec = json.loads(lines[5])
+    rec["card_number"] = "12-34"
+    lines[5] = json.dumps(rec)
+    src.write_text("\n".join(lines) + "\n")
+    manifest = run_pipeline(RunSettings(inputs=[str(src)], schema=str(SCHEMA), policy=str(POLICY), output=str(tmp_path / "out"), progress=False))
+    c = manifest["counts"]
+    assert manifest["reconciled"] and c["input"] == 200
+    assert manifest["quarantine_reasons"].get("invalid_value") == 1
+    entries = [json.loads(l) for f in manifest["quarantine"] for l in open(tmp_path / "out" / f["path"])]
+    hit = [e for e in entries if e["reason"] == "invalid_value"]
+    assert len(hit) == 1 and hit[0]["field"] == "card_number" and hit[0]["source"].startswith("batch ")
+    for root, _, files in os.walk(tmp_path / "out"):
+        for f in files:
+            assert rec["full_name"].encode() not in open(os.path.join(root, f), "rb").read()

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cloakbeam.errors import ClassificationError, PolicyError
+from cloakbeam.errors import PolicyError
 from cloakbeam.keys.service import KeyRef, ensure_local_keyring
 from cloakbeam.pipeline.config import RuntimeConfig
 from cloakbeam.pipeline.policy import compile_policy
@@ -115,12 +115,18 @@ def test_shared_domain_joins(schema: Any, runtime: RuntimeConfig) -> None:
     assert out["cid"] == out["email"]
 
 
-def test_too_short_for_digits_names_row_not_value(schema: Any, runtime: RuntimeConfig) -> None:
-    pol = _policy(schema, card={"action": "tokenize", "format": "digits", "keep_last": 4, "luhn": True})
-    rows = [{"cid": "a", "card": "4111111111111111"}, {"cid": "b", "card": "12-34"}]
-    with pytest.raises(ClassificationError, match=r"field 'card' row 1") as exc:
-        protect_batch(_batch(schema, rows), pol, ActionContext(runtime))
-    assert "1234" not in str(exc.value) and "12-34" not in str(exc.value)
+def test_too_short_for_digits_rejects_only_that_row(schema: Any, runtime: RuntimeConfig) -> None:
+    from cloakbeam.transforms.protect import protect_batch_with_rejects
+
+    pol = _policy(schema, cid={"action": "tokenize", "subject": "cid"}, card={"action": "tokenize", "format": "digits", "keep_last": 4, "luhn": True})
+    rows = [{"cid": "a", "card": "4111111111111111"}, {"cid": "b", "card": "12-34"}, {"cid": "c", "card": "12-34"}]
+    ctx = ActionContext(runtime)
+    out, rejected = protect_batch_with_rejects(_batch(schema, rows), pol, ctx)
+    assert rejected == [(1, "invalid_value", "card"), (2, "invalid_value", "card")]
+    assert out.num_rows == 1 and out.to_pylist()[0]["card"].endswith("1111")
+    assert ctx.stats["tokenize.card.invalid"] == 2
+    # The rejected rows' subjects got no entry for the bad value; the good row's subject did.
+    assert ctx.vault.count() == 4
 
 
 def test_subject_links_entries_for_erasure(schema: Any, runtime: RuntimeConfig) -> None:

@@ -74,7 +74,22 @@ def assemble(columns: Mapping[str, pa.Array], schema: pa.Schema, record_nulls: M
 
 
 def protect_batch(batch: pa.RecordBatch, policy: CompiledPolicy, ctx: ActionContext, output_schema: pa.Schema | None = None) -> pa.RecordBatch:
-    """Return the protected batch: only policy-kept fields, each transformed by its action."""
+    """Return the protected batch: only policy-kept fields, each transformed by its action.
+
+    Rows an action rejected (`ctx.reject_rows`) are left out; `rejected_rows(ctx)` then lists them as
+    (row index in `batch`, reason, field) so the caller can quarantine them.
+    """
+    protected, _ = protect_batch_with_rejects(batch, policy, ctx, output_schema)
+    return protected
+
+
+def protect_batch_with_rejects(
+    batch: pa.RecordBatch, policy: CompiledPolicy, ctx: ActionContext, output_schema: pa.Schema | None = None
+) -> tuple[pa.RecordBatch, list[tuple[int, str, str]]]:
+    """Like `protect_batch`, also returning the rejected rows as (row index, reason, field), first reason wins."""
+    import numpy as np
+
+    ctx.rejections = []
     columns = flatten_columns(batch)
     for check in policy.checks:
         check(columns, ctx)
@@ -82,4 +97,15 @@ def protect_batch(batch: pa.RecordBatch, policy: CompiledPolicy, ctx: ActionCont
     for path, action in policy.output_actions.items():
         out[path] = action.apply(columns[path], columns, ctx)
     schema = output_schema if output_schema is not None else policy.output_schema()
-    return assemble(out, schema, _record_validity(batch), batch.num_rows)
+    protected = assemble(out, schema, _record_validity(batch), batch.num_rows)
+    if not ctx.rejections:
+        return protected, []
+    first: dict[int, tuple[str, str]] = {}
+    bad = np.zeros(batch.num_rows, dtype=bool)
+    for mask, reason, field in ctx.rejections:
+        for row in np.flatnonzero(mask & ~bad):
+            first[int(row)] = (reason, field)
+        bad |= mask
+    ctx.rejections = []
+    rejected = [(row, *first[row]) for row in sorted(first)]
+    return protected.filter(pa.array(~bad)), rejected

@@ -57,6 +57,8 @@ class ActionContext:
     def __init__(self, runtime: Any = None) -> None:
         self.runtime = runtime
         self.stats: Counter[str] = Counter()
+        #: Rows an action could not protect, as (boolean row mask, reason code, field path); see reject_rows.
+        self.rejections: list[tuple[Any, str, str]] = []
         self._keys: Any = None
         self._vault: Any = None
 
@@ -85,6 +87,16 @@ class ActionContext:
 
             self._vault = open_vault(self.runtime.vault, self.keys)
         return self._vault
+
+    def reject_rows(self, mask: Any, reason: str, field: str) -> None:
+        """Mark rows of the current batch that this action cannot protect (for example a value too short for
+        its token format). They leave the output and go to the quarantine; the run goes on. `reason` is a code
+        such as "invalid_value", never a value."""
+        import numpy as np
+
+        m = np.asarray(mask, dtype=bool)
+        if m.any():
+            self.rejections.append((m, reason, field))
 
     def count(self, key: str, n: int = 1) -> None:
         if n:

@@ -1,7 +1,7 @@
 """The Beam steps: thin DoFns and composable PTransforms around cloakbeam's plain functions.
 
     ReadRecords(patterns, schema)      -> pa.RecordBatch | RunStats   (ingest + quarantine)
-    ProtectRecords(policy)             -> pa.RecordBatch | RunStats   (classification checks + actions)
+    ProtectRecords(policy, out_dir)    -> pa.RecordBatch | RunStats   (classification checks + actions)
     WriteTrainingParquet(out_dir)      -> RunStats                    (one committed Parquet file per batch)
     CollectRunStats(path)              -> one RunStats saved for the launcher's manifest
 
@@ -28,7 +28,7 @@ from cloakbeam.pipeline.stats import RunStats, is_stats
 from cloakbeam.schemas.avro import InputSchema, schema_from_dict
 from cloakbeam.transforms.ingest import Rejected, detect_format, read_source
 from cloakbeam.transforms.quarantine import quarantine_entry, write_quarantine
-from cloakbeam.transforms.write import BATCH_ID_KEY, write_parquet_file
+from cloakbeam.transforms.write import BATCH_ID_KEY, batch_id, write_parquet_file
 
 
 @dataclass(frozen=True)
@@ -160,30 +160,33 @@ class ReadRecords(beam.PTransform):
 
 # ------------------------------------------------------------------------------------------------ protect
 class _ProtectFn(beam.DoFn):
-    def __init__(self, policy_ref: PolicyRef, runtime: RuntimeConfig) -> None:
+    def __init__(self, policy_ref: PolicyRef, runtime: RuntimeConfig, out_dir: str | None = None) -> None:
         self.policy_ref = policy_ref
         self.runtime = runtime
+        self.out_dir = out_dir
 
     def setup(self) -> None:
-        from cloakbeam.transforms.protect import protect_batch
+        from cloakbeam.transforms.protect import protect_batch_with_rejects
 
         self.policy = self.policy_ref.compile()
         self.output_schema = self.policy.output_schema(_field_classes(self.policy))
         self.ctx = _runtime_context(self.runtime)
-        self._protect = protect_batch
+        self._protect = protect_batch_with_rejects
         self._sent_keys: set[str] = set()
 
     def teardown(self) -> None:
         self.ctx.close()
 
-    def process(self, element: Any) -> Iterator[Any]:
+    def process(self, element: Any, window=beam.DoFn.WindowParam) -> Iterator[Any]:
         if is_stats(element):
             yield element
             return
         meta = element.schema.metadata or {}
-        out = self._protect(element, self.policy, self.ctx, self.output_schema)
+        out, rejected = self._protect(element, self.policy, self.ctx, self.output_schema)
         if BATCH_ID_KEY in meta:
             out = out.replace_schema_metadata({**(out.schema.metadata or {}), BATCH_ID_KEY: meta[BATCH_ID_KEY]})
+        if rejected:
+            yield self._quarantine(element, rejected, meta.get(BATCH_ID_KEY, b"").decode() or batch_id(element), _window_label(window))
         yield out
         # Wrapped data keys made since the last batch travel to the manifest (extra.wrapped_keys), so
         # outputs stay decryptable even when protect and write run in different worker processes.
@@ -195,6 +198,29 @@ class _ProtectFn(beam.DoFn):
             self.ctx.stats.clear()
 
 
+    def _quarantine(self, batch: pa.RecordBatch, rejected: list[tuple[int, str, str]], bid: str, window: str | None) -> RunStats:
+        """Rows an action could not protect: sealed into OUT/quarantine/ like ingest rejections, and counted."""
+        if self.out_dir is None:
+            from cloakbeam.errors import CloakbeamError
+
+            row, reason, field = rejected[0]
+            raise CloakbeamError(f"field '{field}': {len(rejected)} row(s) could not be protected ({reason}, first at row {row}) and ProtectRecords has no quarantine directory")
+        import json
+
+        rows = batch.take(pa.array([r for r, _, _ in rejected])).to_pylist()
+        source = f"batch {bid}"
+        entries = [
+            quarantine_entry(Rejected(source, f"row {row}", reason, field, json.dumps(raw, default=str, sort_keys=True).encode()), self.ctx.keys, self.runtime.dataset_id)
+            for (row, reason, field), raw in zip(rejected, rows)
+        ]
+        stats = RunStats()
+        stats.files.append(write_quarantine(self.out_dir, source, entries, window=window))
+        stats.counts["quarantined"] += len(rejected)
+        for _, reason, _ in rejected:
+            stats.reasons[reason] += 1
+        return stats
+
+
 def _field_classes(policy: Any) -> dict[str, str]:
     section = policy.sections.get("classification")
     if section is not None and hasattr(section, "field_classes"):
@@ -203,15 +229,17 @@ def _field_classes(policy: Any) -> dict[str, str]:
 
 
 class ProtectRecords(beam.PTransform):
-    """Apply a compiled policy to every RecordBatch (the plain function `protect_batch`)."""
+    """Apply a compiled policy to every RecordBatch (the plain function `protect_batch`). Rows an action
+    rejects are quarantined under `out_dir`; without `out_dir` such a row fails the run (fail closed)."""
 
-    def __init__(self, policy: Any, runtime: RuntimeConfig) -> None:
+    def __init__(self, policy: Any, runtime: RuntimeConfig, out_dir: str | None = None) -> None:
         super().__init__()
         self.policy_ref = PolicyRef.of(policy)
         self.runtime = runtime
+        self.out_dir = out_dir
 
     def expand(self, pcoll):
-        return pcoll | "Protect" >> beam.ParDo(_ProtectFn(self.policy_ref, self.runtime))
+        return pcoll | "Protect" >> beam.ParDo(_ProtectFn(self.policy_ref, self.runtime, self.out_dir))
 
 
 # ------------------------------------------------------------------------------------------------ write

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cloakbeam.errors import ClassificationError, ConfigError
+from cloakbeam.errors import ConfigError
 from cloakbeam.transforms.registry import Action, ActionContext, Param, register
 from cloakbeam.vault.store import Domain
 from cloakbeam.vault.tokens import NORMALIZERS, TokenFormat, normalize
@@ -111,16 +111,20 @@ class Tokenize(Action):
         fmt = self.domain.fmt
         # Distinct normalized values (two raw spellings may normalize to one value).
         slot: dict[str, int] = {}
-        dict_to_slot = np.empty(len(norm), dtype=np.int64)
+        dict_to_slot = np.full(len(norm), -1, dtype=np.int64)
         for i, v in enumerate(norm):
-            if not fmt.valid_input(v):
-                row = pc.index(indices, pa.scalar(i, indices.type)).as_py()
-                raise ClassificationError(f"field '{path}' row {row}: tokenize (digits) needs at least {fmt.min_length()} digits")
-            dict_to_slot[i] = slot.setdefault(v, len(slot))
+            if fmt.valid_input(v):
+                dict_to_slot[i] = slot.setdefault(v, len(slot))
+        invalid = dict_to_slot < 0
+        if invalid.any():
+            # Values the format cannot tokenize (too few digits) leave the output and go to the quarantine.
+            row_invalid = pc.fill_null(pc.take(pa.array(invalid), indices), False).to_numpy(zero_copy_only=False)
+            ctx.reject_rows(row_invalid, "invalid_value", path)
+            ctx.count(f"tokenize.{path}.invalid", int(row_invalid.sum()))
         distinct = list(slot)
         subjects = self._subjects(indices, dict_to_slot, len(distinct), columns) if self.options["subject"] else None
         tokens = ctx.vault.tokenize(self.domain, distinct, subjects)
-        dict_tokens = pa.array([tokens[s] for s in dict_to_slot], type=pa.string())
+        dict_tokens = pa.array([tokens[s] if s >= 0 else None for s in dict_to_slot], type=pa.string())
         ctx.count(f"tokenize.{path}.values", len(column) - column.null_count)
         ctx.count(f"tokenize.{path}.distinct", len(distinct))
         return pc.take(dict_tokens, indices)
@@ -138,6 +142,7 @@ class Tokenize(Action):
         idx = indices.to_numpy(zero_copy_only=False)
         valid = ~np.asarray(indices.is_null().to_numpy(zero_copy_only=False), dtype=bool)
         rows = np.nonzero(valid)[0]
+        rows = rows[dict_to_slot[idx[rows].astype(np.int64)] >= 0]  # rejected values have no slot
         slots = dict_to_slot[idx[rows].astype(np.int64)]
         uniq, first = np.unique(slots, return_index=True)
         out: list[str | None] = [None] * n
