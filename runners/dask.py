@@ -90,14 +90,19 @@ def _runner_class() -> type:
                                 continue
                             if producer in mains:
                                 raise ConfigError(f"step '{node.full_label}' reads the same collection as main and side input, which the DaskRunner cannot run")
-                            (graph,) = dask.optimize(self.bags[producer])
                             swapped[producer] = self.bags[producer]
-                            self.bags[producer] = list(client.compute(graph).result())
+                            self.bags[producer] = list(client.compute(self.bags[producer], optimize_graph=False).result())
                         try:
                             super().visit_transform(node)
                         finally:
                             self.bags.update(swapped)
+                        if has_side_inputs and fan_out.get(node, 0) > 1 and hasattr(self.bags.get(node), "dask"):
+                            # Side inputs are computed separately (above), so a collection both they and the main
+                            # graph read (k-anonymity counts the batches it then generalizes) would be read and
+                            # protected twice; keep it in cluster memory instead, computed once.
+                            self.bags[node] = client.persist(self.bags[node])
 
+                fan_out, has_side_inputs = _consumer_counts(pipeline)
                 visitor = MaterializingVisitor(bag_kwargs=bag_kwargs) if "bag_kwargs" in getattr(base, "__dataclass_fields__", {}) else MaterializingVisitor()
                 pipeline.visit(visitor)
                 opt_graph = dask.optimize(list(visitor.bags.values())[-1])
@@ -114,6 +119,26 @@ def _runner_class() -> type:
                     result.client.close()
 
     return CheckedDaskRunner
+
+
+def _consumer_counts(pipeline: Any) -> tuple[dict[Any, int], bool]:
+    """How many steps read each step's output (as main or side input), and whether any side input exists."""
+    from apache_beam.pipeline import PipelineVisitor
+
+    counts: dict[Any, int] = {}
+    side = [False]
+
+    class Count(PipelineVisitor):
+        def visit_transform(self, node: Any) -> None:
+            for pc in node.inputs:
+                if hasattr(pc, "producer"):
+                    counts[pc.producer] = counts.get(pc.producer, 0) + 1
+            for si in node.side_inputs:
+                side[0] = True
+                counts[si.pvalue.producer] = counts.get(si.pvalue.producer, 0) + 1
+
+    pipeline.visit(Count())
+    return counts, side[0]
 
 
 class DaskHandle(RunnerHandle):

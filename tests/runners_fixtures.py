@@ -123,3 +123,22 @@ class BundleTagDoFn(_beam.DoFn):
 
     def process(self, element):
         yield (element, self.bundle)
+
+
+class TouchDoFn(_beam.DoFn):
+    """Records every execution of process() as a file in `directory` (counts how often work is redone)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def process(self, element):
+        import os
+        import uuid
+
+        open(os.path.join(self.directory, f"{element}-{uuid.uuid4().hex}"), "w").close()
+        yield element
+
+
+class AddSideFn(_beam.DoFn):
+    def process(self, element, total):
+        yield (element, total)

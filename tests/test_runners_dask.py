@@ -14,7 +14,7 @@ from cloakbeam.errors import ConfigError
 from cloakbeam.runners import make_runner
 from cloakbeam.runners.dask import start_local_cluster
 from cloakbeam.runners.shape import dask_shape_problems
-from cloakbeam.tests.runners_fixtures import BundleTagDoFn, PidDoFn, make_inputs, run_reference
+from cloakbeam.tests.runners_fixtures import AddSideFn, BundleTagDoFn, PidDoFn, TouchDoFn, make_inputs, run_reference
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,22 @@ def test_reshuffle_spreads_one_partition_over_the_cluster(cluster):
     out = _run_on(cluster, lambda p: p | beam.Create(["x"]) | beam.FlatMap(lambda _: range(8)) | beam.Reshuffle() | beam.ParDo(BundleTagDoFn()))
     assert sorted(x for x, _ in out) == list(range(8))
     assert len({b for _, b in out}) == 4
+
+
+@pytest.mark.slow
+def test_side_input_is_correct_and_its_upstream_runs_once(cluster, tmp_path):
+    """A side input derived from the main input (the k-anonymity shape): right values, upstream computed once."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+
+    def build(p):
+        xs = p | beam.Create(list(range(10))) | beam.ParDo(TouchDoFn(str(marks)))
+        total = xs | beam.CombineGlobally(sum)
+        _ = xs | beam.ParDo(AddSideFn(), total=beam.pvalue.AsSingleton(total))
+
+    out = _run_on(cluster, build)
+    assert sorted(out) == [(i, 45) for i in range(10)]
+    assert len(list(marks.iterdir())) == 10
 
 
 @pytest.mark.slow
