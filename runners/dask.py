@@ -150,6 +150,7 @@ class DaskHandle(RunnerHandle):
         self.workers = workers
         self.threads = threads
         self.cluster: Any = None
+        self.auto_partitions = False
 
     @contextlib.contextmanager
     def session(self) -> Iterator["DaskHandle"]:
@@ -163,6 +164,8 @@ class DaskHandle(RunnerHandle):
                 dopts.address = self.cluster.scheduler_address
             else:
                 dopts.address = self.address
+                if self.auto_partitions:
+                    dopts.npartitions = PARTITIONS_PER_WORKER * max(1, count_workers(self.address, dopts.timeout))
             yield self
         finally:
             self.beam_runner.close_clients()
@@ -170,6 +173,15 @@ class DaskHandle(RunnerHandle):
                 with contextlib.suppress(Exception):
                     self.cluster.close()
                 self.cluster = None
+
+
+def count_workers(address: str, timeout: Any = None) -> int:
+    """Workers currently registered with the scheduler at `address` (raises when it cannot be reached)."""
+    from distributed import Client
+
+    kwargs = {"timeout": timeout} if isinstance(timeout, (int, float)) else {}
+    with Client(address, **kwargs) as client:
+        return len(client.scheduler_info().get("workers", {}))
 
 
 def start_local_cluster(workers: int = DEFAULT_WORKERS, threads_per_worker: int = 1) -> Any:
@@ -210,9 +222,13 @@ def make(beam_args: Sequence[str], runner_options: Mapping[str, Any] | None) -> 
         raise ConfigError("--workers must be at least 1")
     if address is not None and opts.get("workers"):
         raise ConfigError("--workers sizes a local cluster; with --dask-address the existing cluster decides its workers")
+    auto_partitions = False
     if dopts.npartitions is None and dopts.partition_size is None:
+        auto_partitions = address is not None and not opts.get("npartitions")
         dopts.npartitions = int(opts.get("npartitions") or workers * PARTITIONS_PER_WORKER)
     if dopts.npartitions is not None and dopts.npartitions < 1:
         raise ConfigError("--dask_npartitions must be at least 1")
     options.view_as(StandardOptions).runner = None
-    return DaskHandle(_runner_class()(), options, address, workers, threads), options
+    handle = DaskHandle(_runner_class()(), options, address, workers, threads)
+    handle.auto_partitions = auto_partitions
+    return handle, options

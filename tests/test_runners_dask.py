@@ -54,6 +54,18 @@ def test_reference_pipeline_on_existing_scheduler(cluster, tmp_path):
     manifest = run_reference(inputs, tmp_path / "out", tmp_path / "state", "dask", {"dask_address": cluster.scheduler_address}, batch_size=300)
     assert manifest["reconciled"] and manifest["runner"] == "dask"
     assert manifest["counts"]["input"] == 1600
+
+
+@pytest.mark.slow
+def test_partitions_follow_the_existing_clusters_workers(cluster):
+    from apache_beam.runners.dask.dask_runner import DaskOptions
+
+    handle, options = make_runner("dask", [], {"dask_address": cluster.scheduler_address})
+    with handle.session():
+        assert options.view_as(DaskOptions).npartitions == 4  # 2 per worker, 2 workers
+    handle, options = make_runner("dask", ["--dask_npartitions=3"], {"dask_address": cluster.scheduler_address})
+    with handle.session():
+        assert options.view_as(DaskOptions).npartitions == 3
     # the existing cluster is left running, with its workers, after the run's own client was closed
     assert len(cluster.scheduler_info["workers"]) == 2
     assert _run_clients(cluster) == []  # the run's client was closed
@@ -171,7 +183,7 @@ def test_bad_shapes_are_listed(shape):
 def test_bad_shapes_are_refused_before_any_work(shape):
     """The runner refuses the pipeline before it opens a client: an unreachable address proves nothing ran."""
     build, message = SHAPES[shape]
-    handle, options = make_runner("dask", [], {"dask_address": "tcp://127.0.0.1:9"})
+    handle, options = make_runner("dask", ["--dask_npartitions=2"], {"dask_address": "tcp://127.0.0.1:9"})
     p = beam.Pipeline(runner=handle.beam_runner, options=options)
     build(p)
     with pytest.raises(ConfigError, match="would run incorrectly on the DaskRunner.*" + message):
