@@ -163,7 +163,22 @@ class _WindowManifestFn(beam.DoFn):
         self.runner = runner
 
     def setup(self) -> None:
+        from cloakbeam.keys.service import open_key_service
+
         self.policy = self.policy_ref.compile()
+        self.keys = open_key_service(self.runtime.keys)
+
+    def teardown(self) -> None:
+        self.keys.close()
+
+    def _sign(self, path: str) -> None:
+        """Sign the window manifest (`<manifest>.sig`) when the key layer offers it; local outputs only."""
+        try:
+            from cloakbeam.keys.signing import sign_manifest
+        except ImportError:
+            return
+        if fsio.is_local(path):
+            sign_manifest(path, self.keys)
 
     def process(self, stats: RunStats, window=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam) -> Iterator[str]:
         from cloakbeam.pipeline.manifest import build_manifest
@@ -191,6 +206,7 @@ class _WindowManifestFn(beam.DoFn):
         path = fsio.join(self.out_dir, MANIFESTS_DIR, f"{label}.json")
         with fsio.atomic_writer(path) as w:
             w.write(json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n")
+        self._sign(path)
         yield path
 
 
@@ -328,7 +344,7 @@ def read_window_manifests(out_dir: str) -> list[dict[str, Any]]:
         return []
     out = []
     for name in sorted(os.listdir(d)):
-        if name.startswith("window=") and name.endswith(".json"):
+        if name.startswith("window=") and name.endswith(".json"):  # not the .json.sig signatures
             with open(os.path.join(d, name), encoding="utf-8") as fh:
                 out.append(json.load(fh))
     return out

@@ -233,6 +233,13 @@ def test_cli_watch_picks_up_files_as_they_arrive(tmp_path, capsys):
     assert m["windows"] and all(w["reconciled"] for w in m["windows"])
     for w in m["windows"]:
         assert (tmp_path / "out" / w["manifest"]).is_file()
+    try:
+        from cloakbeam.keys.signing import verify_output
+    except ImportError:
+        return
+    assert verify_output(tmp_path / "out") == []  # signed, every listed file intact, nothing unlisted
+    for w in m["windows"]:
+        assert (tmp_path / "out" / (w["manifest"] + ".sig")).is_file()  # each window manifest is signed too
 
 
 @pytest.mark.parametrize("runner", ["flink", "dataflow"])
