@@ -195,3 +195,22 @@ def test_linear_chain_with_one_end_is_accepted():
     p = beam.Pipeline()
     _ = p | beam.Create([1, 2]) | beam.Map(lambda x: x + 1) | beam.CombineGlobally(sum).without_defaults()
     assert dask_shape_problems(p) == []
+
+
+@pytest.mark.slow
+def test_local_cluster_started_by_the_profile_is_loopback_processes_and_shut_down():
+    import psutil
+
+    handle, options = make_runner("dask", [], {"workers": 2})
+    with handle.session():
+        cluster = handle.cluster
+        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+        workers = cluster.scheduler_info["workers"]
+        assert len(workers) == 2 and all(w.startswith("tcp://127.0.0.1:") for w in workers)
+        pids = {nanny.pid for nanny in cluster.workers.values()}
+        assert os.getpid() not in pids and None not in pids  # separate worker processes
+    assert handle.cluster is None
+    deadline = __import__("time").time() + 10
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids) and __import__("time").time() < deadline:
+        __import__("time").sleep(0.2)
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
