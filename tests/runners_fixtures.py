@@ -69,7 +69,7 @@ def read_output(out: Path, state: Path) -> dict[str, pa.Table]:
     decrypt = _decryptor(out, state)
     tables = {}
     for f in sorted((out / "data").rglob("*.parquet")):
-        t = pq.read_table(f)
+        t = _read_parquet(f, state)
         if decrypt is not None:
             t = decrypt(f, t)
         else:
@@ -77,6 +77,21 @@ def read_output(out: Path, state: Path) -> dict[str, pa.Table]:
             t = pa.table(cols, names=t.column_names)
         tables[f.relative_to(out).as_posix()] = t.replace_schema_metadata(None)
     return tables
+
+
+def _read_parquet(path: Path, state: Path) -> pa.Table:
+    """Read one output file; with the keyring's decryption properties if it uses Parquet modular encryption."""
+    try:
+        return pq.read_table(path)
+    except (OSError, pa.ArrowException):
+        from cloakbeam.keys.parquet_encryption import reader_kwargs
+        from cloakbeam.keys.service import KeyRef, open_key_service
+
+        ks = open_key_service(KeyRef(provider="local", path=str(state / "keyring.json")))
+        try:
+            return pq.read_table(path, **reader_kwargs(ks))
+        finally:
+            ks.close()
 
 
 def pc_is_valid(col: pa.ChunkedArray) -> pa.ChunkedArray:
