@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
@@ -39,7 +38,6 @@ from cloakbeam.errors import ConfigError
 from cloakbeam.pipeline import fsio
 from cloakbeam.pipeline.stats import FileStat, RunStats, is_stats
 
-log = logging.getLogger(__name__)
 MANIFESTS_DIR = "manifests"
 
 

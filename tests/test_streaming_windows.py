@@ -209,7 +209,6 @@ def test_cli_watch_picks_up_files_as_they_arrive(tmp_path, capsys):
     hidden (still being written) that must be ignored; manifest.json summarizes the committed windows."""
     from cloakbeam.pipeline.cli import main
 
-    src = sorted(Path(p) for p in [*(tmp_path / "src").glob("*")] or [])
     make_inputs(tmp_path / "src", rows=150, files=3, dirty=0.0)
     src = sorted((tmp_path / "src").glob("*.jsonl"))
     watch = tmp_path / "watch"
