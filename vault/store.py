@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import json
 import os
+import random
 import sqlite3
 import threading
 import time
@@ -91,13 +92,63 @@ class Entry:
 
 
 class _Backend:
+    """What both backends share: the statements that differ only in the parameter placeholder `_p`."""
+
     name = ""
+    _p = "?"
+    _blob = "BLOB"
+    conn: Any
 
     def transaction(self) -> Any:  # context manager
         raise NotImplementedError
 
     def close(self) -> None:
         raise NotImplementedError
+
+    def shred(self, key_id: bytes, now: int, domain: str | None = None) -> int:
+        """Delete a data key and blank the entries it protected: subject-keyed entries (key_id = it) and, with
+        `domain`, the entry whose own key it is (key_id NULL, bidx = it)."""
+        self.conn.execute(f"DELETE FROM cloakbeam_vault_keys WHERE key_id = {self._p}", (key_id,))
+        p = self._p
+        blank = f"UPDATE cloakbeam_vault_entries SET bidx = NULL, key_id = NULL, ciphertext = NULL, forgotten_at = {p}"
+        n = self.conn.execute(blank + f" WHERE key_id = {p}", (now, key_id)).rowcount
+        if domain is not None:
+            n += self.conn.execute(blank + f" WHERE domain = {p} AND bidx = {p} AND key_id IS NULL", (now, domain, key_id)).rowcount
+        return n
+
+    def shred_expired(self, domain: str | None, now: int) -> int:
+        """Blank every expired, not yet forgotten entry; delete the data keys no live entry uses any more."""
+        p = self._p
+        dom = f" AND domain = {p}" if domain is not None else ""
+        args: tuple[Any, ...] = (now, domain) if domain is not None else (now,)
+        expired = f"expires_at IS NOT NULL AND expires_at <= {p} AND forgotten_at IS NULL{dom}"
+        self.conn.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS cloakbeam_expired_keys (key_id {self._blob} PRIMARY KEY)"
+        )
+        self.conn.execute("DELETE FROM cloakbeam_expired_keys")
+        self.conn.execute(
+            f"INSERT INTO cloakbeam_expired_keys SELECT DISTINCT COALESCE(key_id, bidx) FROM cloakbeam_vault_entries WHERE {expired}",
+            args,
+        )
+        cur = self.conn.execute(
+            f"UPDATE cloakbeam_vault_entries SET bidx = NULL, key_id = NULL, ciphertext = NULL, forgotten_at = {p} WHERE {expired}",
+            (now, *args),
+        )
+        n = cur.rowcount
+        self.conn.execute(
+            "DELETE FROM cloakbeam_vault_keys WHERE key_id IN (SELECT key_id FROM cloakbeam_expired_keys)"
+            " AND NOT EXISTS (SELECT 1 FROM cloakbeam_vault_entries e WHERE e.key_id = cloakbeam_vault_keys.key_id)"
+        )
+        return n
+
+    def count_entries(self, domain: str | None = None) -> int:
+        if domain is None:
+            return self.conn.execute("SELECT count(*) FROM cloakbeam_vault_entries").fetchone()[0]
+        return self.conn.execute(f"SELECT count(*) FROM cloakbeam_vault_entries WHERE domain = {self._p}", (domain,)).fetchone()[0]
+
+    def count_keys(self) -> int:
+        return self.conn.execute("SELECT count(*) FROM cloakbeam_vault_keys").fetchone()[0]
+
 
 
 _SQLITE_DDL = """
@@ -146,19 +197,32 @@ class SQLiteBackend(_Backend):
         if not self.path.exists():
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
             os.close(fd)
-        try:
-            self.conn = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None, check_same_thread=False)
-            self.conn.execute("PRAGMA busy_timeout=60000")
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=NORMAL")
-            self.conn.execute("PRAGMA cache_size=-131072")  # 128 MiB page cache: random-key B-tree inserts
-            self.conn.execute("PRAGMA secure_delete=ON")  # forgotten keys are overwritten, not left in free pages
-            with self.transaction():
-                for stmt in _SQLITE_DDL.split(";"):
-                    if stmt.strip():
-                        self.conn.execute(stmt)
-        except sqlite3.DatabaseError as exc:
-            raise ConfigError(f"cannot open SQLite vault {self.path}: {exc.__class__.__name__}") from None
+        # Two workers opening a new vault at once can see "database is locked" from the WAL switch or the
+        # DDL without SQLite's busy handler being consulted; opening is idempotent, so retry for a while.
+        deadline = time.monotonic() + 60.0
+        while True:
+            try:
+                self._open()
+                break
+            except sqlite3.OperationalError as exc:
+                self.close()
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise ConfigError(f"cannot open SQLite vault {self.path}: {exc.__class__.__name__}") from None
+                time.sleep(0.05 + random.random() * 0.2)
+            except sqlite3.DatabaseError as exc:
+                raise ConfigError(f"cannot open SQLite vault {self.path}: {exc.__class__.__name__}") from None
+
+    def _open(self) -> None:
+        self.conn = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA busy_timeout=60000")
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.execute("PRAGMA cache_size=-131072")  # 128 MiB page cache: random-key B-tree inserts
+        self.conn.execute("PRAGMA secure_delete=ON")  # forgotten keys are overwritten, not left in free pages
+        with self.transaction():
+            for stmt in _SQLITE_DDL.split(";"):
+                if stmt.strip():
+                    self.conn.execute(stmt)
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -226,52 +290,9 @@ class SQLiteBackend(_Backend):
             return None
         return bytes(row[0]) if row[0] is not None else bidx
 
-    def shred(self, key_id: bytes, now: int, domain: str | None = None) -> int:
-        """Delete a data key and blank the entries it protected: subject-keyed entries (key_id = it) and, with
-        `domain`, the entry whose own key it is (key_id NULL, bidx = it)."""
-        self.conn.execute("DELETE FROM cloakbeam_vault_keys WHERE key_id = ?", (key_id,))
-        blank = "UPDATE cloakbeam_vault_entries SET bidx = NULL, key_id = NULL, ciphertext = NULL, forgotten_at = ?"
-        n = self.conn.execute(blank + " WHERE key_id = ?", (now, key_id)).rowcount
-        if domain is not None:
-            n += self.conn.execute(blank + " WHERE domain = ? AND bidx = ? AND key_id IS NULL", (now, domain, key_id)).rowcount
-        return n
-
-    def shred_expired(self, domain: str | None, now: int) -> int:
-        """Blank every expired, not yet forgotten entry; delete the data keys no live entry uses any more."""
-        p = self._p
-        dom = f" AND domain = {p}" if domain is not None else ""
-        args: tuple[Any, ...] = (now, domain) if domain is not None else (now,)
-        expired = f"expires_at IS NOT NULL AND expires_at <= {p} AND forgotten_at IS NULL{dom}"
-        self.conn.execute(
-            f"CREATE TEMP TABLE IF NOT EXISTS cloakbeam_expired_keys (key_id {self._blob} PRIMARY KEY)"
-        )
-        self.conn.execute("DELETE FROM cloakbeam_expired_keys")
-        self.conn.execute(
-            f"INSERT INTO cloakbeam_expired_keys SELECT DISTINCT COALESCE(key_id, bidx) FROM cloakbeam_vault_entries WHERE {expired}",
-            args,
-        )
-        cur = self.conn.execute(
-            f"UPDATE cloakbeam_vault_entries SET bidx = NULL, key_id = NULL, ciphertext = NULL, forgotten_at = {p} WHERE {expired}",
-            (now, *args),
-        )
-        n = cur.rowcount
-        self.conn.execute(
-            "DELETE FROM cloakbeam_vault_keys WHERE key_id IN (SELECT key_id FROM cloakbeam_expired_keys)"
-            " AND NOT EXISTS (SELECT 1 FROM cloakbeam_vault_entries e WHERE e.key_id = cloakbeam_vault_keys.key_id)"
-        )
-        return n
-
     def after_shred(self) -> None:
         # Old page images of the deleted key live in the WAL until a checkpoint; truncate it now.
         self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-
-    def count_entries(self, domain: str | None = None) -> int:
-        if domain is None:
-            return self.conn.execute("SELECT count(*) FROM cloakbeam_vault_entries").fetchone()[0]
-        return self.conn.execute("SELECT count(*) FROM cloakbeam_vault_entries WHERE domain = ?", (domain,)).fetchone()[0]
-
-    def count_keys(self) -> int:
-        return self.conn.execute("SELECT count(*) FROM cloakbeam_vault_keys").fetchone()[0]
 
     def close(self) -> None:
         try:
@@ -368,53 +389,10 @@ class PostgresBackend(_Backend):
             return None
         return bytes(row[0]) if row[0] is not None else bidx
 
-    def shred(self, key_id: bytes, now: int, domain: str | None = None) -> int:
-        """Delete a data key and blank the entries it protected: subject-keyed entries (key_id = it) and, with
-        `domain`, the entry whose own key it is (key_id NULL, bidx = it)."""
-        self.conn.execute("DELETE FROM cloakbeam_vault_keys WHERE key_id = %s", (key_id,))
-        blank = "UPDATE cloakbeam_vault_entries SET bidx = NULL, key_id = NULL, ciphertext = NULL, forgotten_at = %s"
-        n = self.conn.execute(blank + " WHERE key_id = %s", (now, key_id)).rowcount
-        if domain is not None:
-            n += self.conn.execute(blank + " WHERE domain = %s AND bidx = %s AND key_id IS NULL", (now, domain, key_id)).rowcount
-        return n
-
-    def shred_expired(self, domain: str | None, now: int) -> int:
-        """Blank every expired, not yet forgotten entry; delete the data keys no live entry uses any more."""
-        p = self._p
-        dom = f" AND domain = {p}" if domain is not None else ""
-        args: tuple[Any, ...] = (now, domain) if domain is not None else (now,)
-        expired = f"expires_at IS NOT NULL AND expires_at <= {p} AND forgotten_at IS NULL{dom}"
-        self.conn.execute(
-            f"CREATE TEMP TABLE IF NOT EXISTS cloakbeam_expired_keys (key_id {self._blob} PRIMARY KEY)"
-        )
-        self.conn.execute("DELETE FROM cloakbeam_expired_keys")
-        self.conn.execute(
-            f"INSERT INTO cloakbeam_expired_keys SELECT DISTINCT COALESCE(key_id, bidx) FROM cloakbeam_vault_entries WHERE {expired}",
-            args,
-        )
-        cur = self.conn.execute(
-            f"UPDATE cloakbeam_vault_entries SET bidx = NULL, key_id = NULL, ciphertext = NULL, forgotten_at = {p} WHERE {expired}",
-            (now, *args),
-        )
-        n = cur.rowcount
-        self.conn.execute(
-            "DELETE FROM cloakbeam_vault_keys WHERE key_id IN (SELECT key_id FROM cloakbeam_expired_keys)"
-            " AND NOT EXISTS (SELECT 1 FROM cloakbeam_vault_entries e WHERE e.key_id = cloakbeam_vault_keys.key_id)"
-        )
-        return n
-
     def after_shred(self) -> None:
         # Dead tuples keep the deleted DEK until VACUUM reclaims them.
         self.conn.execute("VACUUM cloakbeam_vault_keys")
         self.conn.execute("VACUUM cloakbeam_vault_entries")
-
-    def count_entries(self, domain: str | None = None) -> int:
-        if domain is None:
-            return self.conn.execute("SELECT count(*) FROM cloakbeam_vault_entries").fetchone()[0]
-        return self.conn.execute("SELECT count(*) FROM cloakbeam_vault_entries WHERE domain = %s", (domain,)).fetchone()[0]
-
-    def count_keys(self) -> int:
-        return self.conn.execute("SELECT count(*) FROM cloakbeam_vault_keys").fetchone()[0]
 
     def is_retryable(self, exc: BaseException) -> bool:
         errors = self._psycopg.errors
