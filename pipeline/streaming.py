@@ -23,8 +23,10 @@ Locally the watch is PeriodicImpulse plus a stateful DoFn remembering the files 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -39,6 +41,7 @@ from cloakbeam.pipeline import fsio
 from cloakbeam.pipeline.stats import FileStat, RunStats, is_stats
 
 MANIFESTS_DIR = "manifests"
+SEEN_DIR = "_seen"  # the source's ledger of every file it produced
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,25 @@ class MatchContinuouslySource(beam.PTransform):
         ]
         merged = streams[0] if len(streams) == 1 else tuple(streams) | "MergePatterns" >> beam.Flatten()
         return merged | "EventTime" >> beam.Map(lambda m: TimestampedValue(m.path, Timestamp.of(float(m.last_updated_in_seconds or 0.0))))
+
+
+class _RecordSightingFn(beam.DoFn):
+    """Note every file the source produced, before windowing can drop it.
+
+    Beam drops a file whose event time is later than the allowed lateness at the window's GroupByKey, before it
+    is read, so no window manifest can count it. This ledger (OUT/manifests/_seen/<path digest>.json, written
+    atomically, idempotent on retries) lets the launcher list such files in the run manifest instead of
+    losing them silently. It holds paths and event times only."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def process(self, path: str, ts=beam.DoFn.TimestampParam) -> Iterator[str]:
+        digest = hashlib.sha256(path.encode()).hexdigest()[:16]
+        target = fsio.join(self.out_dir, MANIFESTS_DIR, SEEN_DIR, f"{digest}.json")
+        with fsio.atomic_writer(target) as w:
+            w.write(json.dumps({"path": path, "event_time": float(ts)}, sort_keys=True).encode())
+        yield path  # keeps its timestamp
 
 
 # ------------------------------------------------------------------------------------------------ windows
@@ -331,7 +353,7 @@ def build_streaming_graph(p: Any, run: Any, opts: StreamOptions, source: Any = N
         src = MatchContinuouslySource(run.settings.inputs, opts.poll_seconds)
     else:
         src = WatchDirectory(run.settings.inputs, opts.poll_seconds, opts.watch_seconds)
-    return p | "Source" >> src | "ProtectWindowed" >> ProtectWindowed(run, opts)
+    return p | "Source" >> src | "RecordSightings" >> beam.ParDo(_RecordSightingFn(run.out_dir)) | "ProtectWindowed" >> ProtectWindowed(run, opts)
 
 
 # ------------------------------------------------------------------------------------------------ launcher
@@ -346,6 +368,21 @@ def read_window_manifests(out_dir: str) -> list[dict[str, Any]]:
             with open(os.path.join(d, name), encoding="utf-8") as fh:
                 out.append(json.load(fh))
     return out
+
+
+def unread_late_files(out_dir: str, manifests: Iterable[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Files the source saw that no committed window read: later than the allowed lateness (local outputs)."""
+    d = os.path.join(out_dir, MANIFESTS_DIR, SEEN_DIR)
+    if not os.path.isdir(d):
+        return []
+    manifests = read_window_manifests(out_dir) if manifests is None else manifests
+    read = {i["path"] for m in manifests for i in m.get("inputs", [])}
+    seen = []
+    for name in sorted(os.listdir(d)):
+        if name.endswith(".json"):
+            with open(os.path.join(d, name), encoding="utf-8") as fh:
+                seen.append(json.load(fh))
+    return sorted((s for s in seen if s["path"] not in read), key=lambda s: s["path"])
 
 
 def stats_from_window_manifests(manifests: Iterable[dict[str, Any]]) -> RunStats:
@@ -398,6 +435,12 @@ def run_streaming(settings: Any) -> dict[str, Any]:
         {"label": w["window"]["label"], "manifest": f"{MANIFESTS_DIR}/{w['window']['label']}.json", "counts": w["counts"], "reconciled": w["reconciled"], "pane_index": w["window"]["pane_index"]}
         for w in windows
     ]
+    late = unread_late_files(run.out_dir, windows)
+    if late:
+        # Not silent: listed in the manifest and on stderr. Their records were never read, so they are outside
+        # the counts; rerun them as a batch job or raise --allowed-lateness.
+        manifest["unread_late_files"] = late
+        print(f"cloakbeam: {len(late)} file(s) arrived later than the allowed lateness and were not read; see 'unread_late_files' in the manifest", file=sys.stderr)
     _attach_key_records(manifest, run)
     path = write_manifest(run.out_dir, manifest)
     _sign(path, run)

@@ -130,6 +130,15 @@ def test_data_later_than_allowed_lateness_is_dropped_before_it_is_read(dropped, 
     assert sum(m["counts"]["input"] for m in ms) == 2 * ROWS
 
 
+def test_dropped_late_file_is_listed_not_lost(dropped, late_pane, files):
+    """The source's ledger names every file it produced, so the one Beam dropped for lateness is reported."""
+    from cloakbeam.pipeline.streaming import unread_late_files
+
+    late = unread_late_files(str(dropped / "out"))
+    assert [f["path"] for f in late] == [files[2]] and late[0]["event_time"] == 5.0
+    assert unread_late_files(str(late_pane / "out")) == []  # within the lateness: read in a late pane
+
+
 def test_late_data_within_lateness_updates_its_window_with_a_late_pane(late_pane, files):
     ms = {m["window"]["label"]: m for m in read_window_manifests(str(late_pane / "out"))}
     w0 = ms[W0]
