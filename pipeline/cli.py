@@ -62,8 +62,11 @@ def configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_DropBeamImportNoise())
-    for noisy in ("apache_beam", "distributed", "urllib3", "botocore"):
+    for noisy in ("distributed", "urllib3", "botocore"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
+    # Beam logs a worker's exception with its traceback before re-raising it to the launcher, where a
+    # cloakbeam error becomes one sentence; keep that traceback for --verbose.
+    logging.getLogger("apache_beam").setLevel(logging.WARNING if verbose else logging.CRITICAL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
