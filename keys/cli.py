@@ -14,8 +14,7 @@ from typing import Any
 
 from cloakbeam.errors import ConfigError, IntegrityError, KeyAccessError
 
-ROLES_FILE = "roles.yaml"
-AUDIT_FILE = "audit.jsonl"
+from cloakbeam.vault.cli import AUDIT_FILE, ROLES_FILE  # one place names the files both CLIs use
 
 
 def register(subparsers: Any) -> None:

@@ -39,6 +39,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from cloakbeam.errors import ConfigError
 from cloakbeam.pipeline import fsio
 from cloakbeam.pipeline.stats import FileStat, RunStats, is_stats
+from cloakbeam.transforms.steps import _MergeStats
 
 MANIFESTS_DIR = "manifests"
 SEEN_DIR = "_seen"  # the source's ledger of every file it produced
@@ -262,17 +263,8 @@ class _WindowBatchIdFn(beam.DoFn):
             yield part.replace_schema_metadata(meta)
 
 
-class _MergeWindowStats(beam.CombineFn):
-    def create_accumulator(self) -> RunStats:
-        return RunStats()
-
-    def add_input(self, acc: RunStats, element: Any) -> RunStats:
-        if is_stats(element):
-            acc.merge(element)
-        return acc
-
-    def merge_accumulators(self, accs: Iterable[RunStats]) -> RunStats:
-        return RunStats.merged(accs)
+class _MergeWindowStats(_MergeStats):
+    """_MergeStats for accumulating panes: each pane's output is a copy, with files deduplicated by path."""
 
     def extract_output(self, acc: RunStats) -> RunStats:
         out = RunStats.merged([acc])  # a copy: accumulating panes keep adding to `acc`
