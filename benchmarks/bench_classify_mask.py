@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="run only measurements whose name starts with one of these")
     args = ap.parse_args()
 
-    from cloakbeam.pipeline.policy import compile_policy
+    from cloakbeam.transforms.policy import compile_policy
     from cloakbeam.schemas.avro import load_schema
     from cloakbeam.schemas.generate import SCHEMA_PATH
     from cloakbeam.transforms.detectors import evaluate

@@ -96,7 +96,7 @@ def bench_beam(rows: int, batch_rows: int, qis: int) -> dict[str, Any]:
     import apache_beam as beam
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-    from cloakbeam.pipeline.stats import RunStats
+    from cloakbeam.core.stats import RunStats
     from cloakbeam.transforms.kanon_beam import EnforceKAnonymity
 
     spec = make_spec(qis)

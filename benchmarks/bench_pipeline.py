@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "cloakbeam-bench"))
     args = ap.parse_args(argv)
 
-    from cloakbeam.pipeline.cli import configure_logging
+    from cloakbeam.cli.main import configure_logging
     from cloakbeam.pipeline.graph import RunSettings, run_pipeline
     from cloakbeam.schemas.generate import REFERENCE_POLICY_PATH, SCHEMA_PATH, generate
 

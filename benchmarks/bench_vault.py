@@ -48,7 +48,7 @@ def _action(fmt: str) -> Any:
 
 def _ctx(ref: dict[str, Any], key_path: str, cache: int) -> Any:
     from cloakbeam.keys.service import KeyRef
-    from cloakbeam.pipeline.config import RuntimeConfig
+    from cloakbeam.core.config import RuntimeConfig
     from cloakbeam.transforms.registry import ActionContext
 
     rt = RuntimeConfig(run_id="bench", dataset_id="bench", state_dir=str(Path(key_path).parent), keys=KeyRef(path=key_path), vault={**ref, "cache_size": cache})

@@ -1,10 +1,8 @@
-"""Decryption of output Parquet for authorized users, and rewrapping an output's data keys.
+"""Decrypting the cells of an output table, and rewrapping an output's data keys.
 
 Python API:
-- `decrypt_output(path, key_service, role=..., purpose=..., roles=RolePolicy, columns=None, audit=None)`
-  yields (relative path, decrypted pa.Table) for every Parquet file under `path` (a file or an output dir).
-  Every encrypted column is checked against the role policy (action `decrypt`, domain = column path) before any
-  cell is read; each decision is appended to the audit log when one is given. Refused -> AccessDenied.
+- `decrypt_table(table, key_service, records, columns=...)`: the mechanism only. It checks no role and writes
+  no audit entry; the authorized, audited reveal path is `cloakbeam.vault.reveal.decrypt_output`.
 - `rewrap_output(dir, key_service)`: re-wrap every DEK recorded in the output's Parquet metadata and manifest
   under the newest KEK version; cells are not re-encrypted (the Parquet footers are rewritten, the manifest's
   file hashes updated and the manifest re-signed).
@@ -22,7 +20,7 @@ from typing import Any, Iterator, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cloakbeam.errors import AccessDenied, ConfigError, IntegrityError, KeyAccessError
+from cloakbeam.errors import ConfigError, IntegrityError, KeyAccessError
 from cloakbeam.keys.cells import decrypt_column
 from cloakbeam.keys.service import PARQUET_KEYS_METADATA, collect_wrapped_keys, merge_wrapped_keys, read_parquet_wrapped_keys
 
@@ -76,7 +74,7 @@ def _type_from_name(name: str) -> pa.DataType:
     raise IntegrityError(f"cannot restore values of recorded type '{name}'")
 
 
-def _files_under(path: Path) -> tuple[Path, list[Path]]:
+def files_under(path: Path) -> tuple[Path, list[Path]]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
         return path, files
@@ -85,7 +83,7 @@ def _files_under(path: Path) -> tuple[Path, list[Path]]:
     raise ConfigError(f"{path} does not exist")
 
 
-def _manifest_near(base: Path) -> dict[str, Any] | None:
+def manifest_near(base: Path) -> dict[str, Any] | None:
     for d in (base, base.parent, base.parent.parent):
         m = d / MANIFEST_NAME
         if m.is_file():
@@ -98,7 +96,7 @@ def _manifest_near(base: Path) -> dict[str, Any] | None:
 
 def decrypt_table(table: pa.Table, key_service: Any, records: Sequence[dict[str, Any]], *, columns: Sequence[str] | None = None, source: str = "") -> pa.Table:
     """Decrypt the encrypted columns of `table` (all, or those in `columns`). No authorization here:
-    callers outside this module must go through `decrypt_output`, which checks the role policy."""
+    callers outside the keys layer must go through `cloakbeam.vault.reveal.decrypt_output`, which checks the role policy."""
     enc = encrypted_columns(table.schema)
     wanted = set(enc) if columns is None else set(columns)
     dataset = ((table.schema.metadata or {}).get(b"cloakbeam.dataset") or b"default").decode()
@@ -132,54 +130,7 @@ def decrypt_table(table: pa.Table, key_service: Any, records: Sequence[dict[str,
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=table.schema.metadata))
 
 
-def decrypt_output(
-    path: str | Path,
-    key_service: Any,
-    *,
-    role: str,
-    purpose: str,
-    roles: Any,
-    columns: Sequence[str] | None = None,
-    audit: Any = None,
-) -> Iterator[tuple[str, pa.Table]]:
-    """Yield (relative path, decrypted table) per Parquet file, after the role policy allows every column."""
-    base, files = _files_under(Path(path))
-    if not files:
-        raise ConfigError(f"no Parquet files under {path}")
-    manifest = _manifest_near(base)
-    schema = pq.read_schema(files[0])
-    enc = encrypted_columns(schema)
-    if columns is not None:
-        unknown = sorted(set(columns) - set(enc))
-        if unknown:
-            raise ConfigError(f"column '{unknown[0]}' is not an encrypted column of {files[0].name}; encrypted: {', '.join(sorted(enc)) or 'none'}")
-    targets = sorted(enc if columns is None else columns)
-    for col in targets:  # authorize every column before reading any cell
-        try:
-            roles.check(role, "decrypt", col, purpose)
-        except AccessDenied:
-            if audit is not None:
-                audit.append("decrypt", role=role, purpose=purpose, domain=col, outcome="denied", count=0, detail="role policy")
-            raise
-    man_records = collect_wrapped_keys(str(base), manifest) if manifest is not None else []
-    for f in files:
-        rel = f.relative_to(base).as_posix() if base in f.parents else f.name
-        records = merge_wrapped_keys(man_records, read_parquet_wrapped_keys(str(f)))
-        table = _read_table(f, key_service)
-        try:
-            out = decrypt_table(table, key_service, records, columns=targets, source=rel)
-        except (IntegrityError, KeyAccessError):
-            if audit is not None:
-                for col in targets:
-                    audit.append("decrypt", role=role, purpose=purpose, domain=col, outcome="error", count=0, detail=f"file:{rel}")
-            raise
-        if audit is not None:
-            for col in targets:
-                audit.append("decrypt", role=role, purpose=purpose, domain=col, outcome="allowed", count=table.num_rows, detail=f"file:{rel}")
-        yield rel, out
-
-
-def _read_table(f: Path, key_service: Any) -> pa.Table:
+def read_table(f: Path, key_service: Any) -> pa.Table:
     """Read a Parquet file, with Parquet-modular-encryption decryption properties when it needs them."""
     try:
         return pq.read_table(f)
@@ -257,7 +208,7 @@ def rewrap_output(out_dir: str | Path, key_service: Any) -> dict[str, int]:
     d = Path(out_dir)
     man_path = d / MANIFEST_NAME
     manifest = json.loads(man_path.read_text()) if man_path.is_file() else None
-    _, files = _files_under(d)
+    _, files = files_under(d)
     records = collect_wrapped_keys(str(d), manifest)
     if not records and not (d / "quarantine").is_dir():
         raise ConfigError(f"{d} records no wrapped data keys; nothing to rewrap")

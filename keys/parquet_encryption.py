@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet.encryption as pe
 
 from cloakbeam.errors import KeyAccessError, PolicyError
-from cloakbeam.pipeline.policy import register_section
+from cloakbeam.core.policy import register_section
 
 SECTION = "parquet_encryption"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

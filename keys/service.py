@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from cloakbeam.errors import ConfigError, KeyAccessError
+from cloakbeam.core.config import KeyRef
 from cloakbeam.keys import keyring as _kr
 
 ALG_GCM = "AES-256-GCM"
@@ -52,25 +53,6 @@ DEFAULT_DEK_TTL_SECONDS = 3600.0
 #: Encryptions per random-nonce DEK; NIST SP 800-38D bounds random 96-bit nonces at 2^32 per key.
 DEFAULT_DEK_MAX_USES = 2**24
 DEK_MAX_USES_CEILING = 2**30
-
-
-@dataclass(frozen=True)
-class KeyRef:
-    """Where keys live, without any key material: safe to pickle into a DoFn and to write in a manifest.
-
-    params (all optional, non-secret): dek_ttl_seconds, dek_max_uses, and provider settings (key_id, endpoint,
-    region, mount, ...). Secrets such as KMS credentials come from the provider's usual environment.
-    """
-
-    provider: str = "local"
-    path: str | None = None
-    params: tuple[tuple[str, str], ...] = field(default_factory=tuple)
-
-    def param(self, name: str, default: str | None = None) -> str | None:
-        return dict(self.params).get(name, default)
-
-    def describe(self) -> dict[str, Any]:
-        return {"provider": self.provider, "path": self.path, **dict(self.params)}
 
 
 class DataKey:

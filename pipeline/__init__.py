@@ -1,1 +1,1 @@
-"""Beam graph assembly, options, manifest and the `cloakbeam` command line."""
+"""Beam graph assembly and launch: build the protect graph, run it on a runner profile, write and sign the manifest."""

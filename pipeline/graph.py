@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from cloakbeam.errors import ConfigError, KeyAccessError
-from cloakbeam.pipeline import fsio
-from cloakbeam.pipeline.config import (
+from cloakbeam.core import fsio
+from cloakbeam.core.config import (
     RuntimeConfig,
     key_ref_from,
     load_config_file,
@@ -26,7 +26,7 @@ from cloakbeam.pipeline.config import (
     vault_ref_from,
 )
 from cloakbeam.pipeline.manifest import build_manifest, check_reconciled, write_manifest
-from cloakbeam.pipeline.policy import CompiledPolicy, load_policy
+from cloakbeam.transforms.policy import CompiledPolicy, load_policy
 from cloakbeam.schemas.avro import load_schema
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def run_pipeline(settings: RunSettings) -> dict[str, Any]:
 
     import apache_beam as beam
 
-    from cloakbeam.pipeline.progress import ProgressListener
+    from cloakbeam.core.progress import ProgressListener
     from cloakbeam.runners import make_runner
 
     if settings.runner_options.get("streaming"):
@@ -199,7 +199,7 @@ class _nullcontext:
 
 def _load_stats(path: str):
     from cloakbeam.errors import CloakbeamError
-    from cloakbeam.pipeline.stats import RunStats
+    from cloakbeam.core.stats import RunStats
 
     try:
         if fsio.is_local(path):

@@ -15,8 +15,8 @@ from typing import Any
 
 from cloakbeam import __version__
 from cloakbeam.errors import ReconciliationError
-from cloakbeam.pipeline import fsio
-from cloakbeam.pipeline.stats import RunStats
+from cloakbeam.core import fsio
+from cloakbeam.core.stats import RunStats
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "cloakbeam-manifest/1"

@@ -37,8 +37,8 @@ from apache_beam.transforms.window import FixedWindows, TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
 
 from cloakbeam.errors import ConfigError
-from cloakbeam.pipeline import fsio
-from cloakbeam.pipeline.stats import FileStat, RunStats, is_stats
+from cloakbeam.core import fsio
+from cloakbeam.core.stats import FileStat, RunStats, is_stats
 from cloakbeam.transforms.steps import _MergeStats
 
 MANIFESTS_DIR = "manifests"

@@ -47,7 +47,7 @@ def check_runner_compatibility(name: str, runtime: Any, runner_options: Mapping[
     if name in REMOTE_RUNNERS:
         check_remote_state(name, runtime)
         if output is not None:
-            from cloakbeam.pipeline import fsio
+            from cloakbeam.core import fsio
 
             if fsio.is_local(output):
                 raise ConfigError(f"--runner {name} workers cannot write to the local directory {output}; give --output as gs:// or s3://")

@@ -8,7 +8,8 @@ from typing import Any, Iterable, Sequence
 
 import pyarrow as pa
 
-from cloakbeam.pipeline.policy import CompiledPolicy, compile_policy
+from cloakbeam.core.policy import CompiledPolicy
+from cloakbeam.transforms.policy import compile_policy
 from cloakbeam.schemas.avro import schema_from_dict
 from cloakbeam.transforms.protect import protect_batch
 from cloakbeam.transforms.registry import ActionContext

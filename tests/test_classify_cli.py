@@ -9,8 +9,8 @@ import json
 import pytest
 import yaml
 
-from cloakbeam.pipeline.cli import main
-from cloakbeam.pipeline.policy import load_policy
+from cloakbeam.cli.main import main
+from cloakbeam.transforms.policy import load_policy
 
 from .conftest import SCHEMA
 

@@ -150,7 +150,7 @@ def test_two_runs_with_the_same_keys_give_identical_protected_columns(tmp_path):
 def test_policy_proposed_by_classify_runs_and_leaks_nothing(tmp_path, capsys):
     """`cloakbeam classify` on schema-less JSONL proposes a policy that, unedited, runs on the reference
     schema and leaves no raw direct identifier in the output."""
-    from cloakbeam.pipeline.cli import main
+    from cloakbeam.cli.main import main
     from cloakbeam.schemas.generate import _pools, generate, generate_table
 
     src = generate(tmp_path / "in.jsonl", 800, seed=21, fmt="jsonl")["path"]

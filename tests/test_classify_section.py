@@ -7,8 +7,8 @@ import pyarrow as pa
 import pytest
 
 from cloakbeam.errors import ClassificationError, PolicyError
-from cloakbeam.pipeline.policy import compile_policy, load_policy
-from cloakbeam.pipeline.stats import RunStats
+from cloakbeam.transforms.policy import compile_policy, load_policy
+from cloakbeam.core.stats import RunStats
 from cloakbeam.schemas.avro import schema_from_dict
 from cloakbeam.tests.classify_fixtures import make_ctx
 from cloakbeam.transforms.classify import name_hint

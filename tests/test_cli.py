@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cloakbeam.pipeline.cli import main
+from cloakbeam.cli.main import main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,7 +58,7 @@ def test_demo_prints_the_summary_table(tmp_path, capsys):
 
 
 def test_help_documents_every_command():
-    out = subprocess.run([sys.executable, "-m", "cloakbeam.pipeline.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "cloakbeam.cli.main", "--help"], capture_output=True, text=True, check=True).stdout
     for cmd in ("run", "demo", "generate"):
         assert cmd in out
 

@@ -11,8 +11,8 @@ from cloakbeam.errors import PolicyError
 from cloakbeam.keys import keyring as kr
 from cloakbeam.keys.cells import decrypt_column
 from cloakbeam.keys.service import open_key_service
-from cloakbeam.pipeline.config import RuntimeConfig
-from cloakbeam.pipeline.policy import compile_policy
+from cloakbeam.core.config import RuntimeConfig
+from cloakbeam.transforms.policy import compile_policy
 from cloakbeam.transforms.protect import protect_batch
 from cloakbeam.transforms.registry import ActionContext, get_action
 from cloakbeam.tests.keys_fixtures import all_key_bytes, dev_keyring
@@ -120,8 +120,8 @@ def test_wrapped_keys_reach_the_manifest_when_protect_and_write_run_in_different
     import json
 
     from cloakbeam.keys import service as svc
-    from cloakbeam.keys.decrypt import decrypt_output
-    from cloakbeam.pipeline.stats import RunStats
+    from cloakbeam.vault.reveal import decrypt_output
+    from cloakbeam.core.stats import RunStats
     from cloakbeam.transforms.steps import PolicyRef, _ProtectFn, _WriteFn
     from cloakbeam.vault.roles import RolePolicy
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloakbeam.errors import PolicyError
-from cloakbeam.pipeline.policy import compile_policy
+from cloakbeam.transforms.policy import compile_policy
 from cloakbeam.tests.kanon_fixtures import people_batch, people_schema, protect
 from cloakbeam.transforms.generalize import (
     Hierarchy,

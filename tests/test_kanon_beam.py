@@ -14,7 +14,7 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that
 from apache_beam.transforms.window import TimestampedValue
 
-from cloakbeam.pipeline.stats import RunStats
+from cloakbeam.core.stats import RunStats
 from cloakbeam.tests.kanon_fixtures import check_k_l, people_batch, people_policy, protect
 
 QIS = ["dob", "zip", "gender", "home.city"]

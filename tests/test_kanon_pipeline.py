@@ -16,10 +16,10 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that
 
 from cloakbeam.keys.service import KeyRef, ensure_local_keyring
-from cloakbeam.pipeline.config import RuntimeConfig
+from cloakbeam.core.config import RuntimeConfig
 from cloakbeam.pipeline.graph import RunSettings, run_pipeline
-from cloakbeam.pipeline.policy import load_policy
-from cloakbeam.pipeline.stats import RunStats
+from cloakbeam.transforms.policy import load_policy
+from cloakbeam.core.stats import RunStats
 from cloakbeam.schemas.avro import load_schema
 from cloakbeam.transforms.steps import ProtectRecords, ReadRecords
 
@@ -81,7 +81,7 @@ def test_run_pipeline_reference_policy_output_is_k_anonymous(tmp_path, reference
 
 
 def test_cli_run_fails_naming_the_unreachable_target(tmp_path, reference_inputs, capsys):
-    from cloakbeam.pipeline.cli import main
+    from cloakbeam.cli.main import main
 
     raw = yaml.safe_load(open(POLICY))
     raw["k_anonymity"]["k"] = 100_000

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from cloakbeam.errors import PolicyError
-from cloakbeam.pipeline.policy import compile_policy
+from cloakbeam.transforms.policy import compile_policy
 from cloakbeam.tests.kanon_fixtures import people_policy, people_schema
 
 AUTO = {"action": "generalize", "level": "auto"}

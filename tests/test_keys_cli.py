@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from cloakbeam.pipeline.cli import main
+from cloakbeam.cli.main import main
 
 
 @pytest.fixture()

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cloakbeam.keys import service as svc
-from cloakbeam.keys.decrypt import decrypt_output
+from cloakbeam.vault.reveal import decrypt_output
 from cloakbeam.keys.quarantine import read_quarantine
 from cloakbeam.keys.signing import verify_output
 from cloakbeam.vault.roles import RolePolicy

@@ -13,10 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from cloakbeam.errors import AccessDenied, IntegrityError, KeyAccessError
-from cloakbeam.keys.decrypt import decrypt_output, encrypted_columns, rewrap_output
+from cloakbeam.keys.decrypt import encrypted_columns, rewrap_output
+from cloakbeam.vault.reveal import decrypt_output
 from cloakbeam.keys.service import KeyRef, collect_wrapped_keys, open_key_service
 from cloakbeam.keys.signing import verify_output
-from cloakbeam.pipeline.cli import main
+from cloakbeam.cli.main import main
 from cloakbeam.tests.conftest import POLICY, SCHEMA
 
 ROLES = """

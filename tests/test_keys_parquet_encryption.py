@@ -11,8 +11,8 @@ import pytest
 from cloakbeam.errors import PolicyError
 from cloakbeam.keys import service as svc
 from cloakbeam.keys.parquet_encryption import reader_kwargs
-from cloakbeam.pipeline.config import RuntimeConfig
-from cloakbeam.pipeline.policy import compile_policy
+from cloakbeam.core.config import RuntimeConfig
+from cloakbeam.transforms.policy import compile_policy
 from cloakbeam.transforms.registry import ActionContext
 from cloakbeam.tests.keys_fixtures import all_key_bytes, dev_keyring
 
@@ -102,7 +102,7 @@ def test_pipeline_with_parquet_encryption_and_cell_encryption(tmp_path, monkeypa
     import yaml
 
     from cloakbeam.keys.signing import verify_output
-    from cloakbeam.pipeline.cli import main
+    from cloakbeam.cli.main import main
     from cloakbeam.pipeline.graph import RunSettings, run_pipeline
     from cloakbeam.schemas.generate import generate
     from cloakbeam.tests.conftest import SCHEMA

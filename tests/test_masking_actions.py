@@ -161,7 +161,7 @@ def test_bad_configuration_fails_at_construction(arrow_type, params, message):
 
 
 def test_date_shift_subject_must_exist_in_schema(customers_schema):
-    from cloakbeam.pipeline.policy import compile_policy
+    from cloakbeam.transforms.policy import compile_policy
 
     fields = {"customer_id": "drop", "date_of_birth": {"action": "mask", "method": "date_shift", "subject": "nobody"}}
     with pytest.raises(PolicyError, match="refers to 'nobody', which is not a leaf field"):

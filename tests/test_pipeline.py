@@ -12,11 +12,11 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from cloakbeam.errors import ReconciliationError
-from cloakbeam.pipeline.config import RuntimeConfig
+from cloakbeam.core.config import RuntimeConfig
 from cloakbeam.pipeline.graph import RunSettings, run_pipeline
 from cloakbeam.pipeline.manifest import build_manifest, check_reconciled
-from cloakbeam.pipeline.policy import compile_policy
-from cloakbeam.pipeline.stats import FileStat, RunStats
+from cloakbeam.transforms.policy import compile_policy
+from cloakbeam.core.stats import FileStat, RunStats
 from cloakbeam.keys.service import KeyRef
 from cloakbeam.schemas.avro import schema_from_dict
 from cloakbeam.tests.test_ingest import NESTED
@@ -90,7 +90,7 @@ def test_quarantine_never_holds_raw_values(tmp_path):
 
 
 def test_unreconciled_counts_fail_loudly(customers_schema):
-    from cloakbeam.pipeline.policy import load_policy
+    from cloakbeam.transforms.policy import load_policy
     import datetime as dt
 
     policy = load_policy(POLICY, customers_schema)
@@ -117,7 +117,7 @@ def test_existing_output_is_refused_without_overwrite(tmp_path, reference_inputs
 
 
 def test_missing_input_fails_at_construction(tmp_path, capsys):
-    from cloakbeam.pipeline.cli import main
+    from cloakbeam.cli.main import main
 
     code = main(["run", "--input", str(tmp_path / "none*.jsonl"), "--schema", str(SCHEMA), "--policy", str(POLICY), "--output", str(tmp_path / "o")])
     assert code == 2

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from cloakbeam.errors import PolicyError
-from cloakbeam.pipeline.policy import compile_policy, load_policy
+from cloakbeam.transforms.policy import compile_policy, load_policy
 from cloakbeam.schemas.avro import schema_from_dict
 from cloakbeam.tests.test_ingest import NESTED
 
@@ -72,7 +72,7 @@ def test_unreadable_and_invalid_yaml(tmp_path, customers_schema):
 
 
 def test_cli_exits_2_with_a_sentence(tmp_path, capsys, reference_inputs):
-    from cloakbeam.pipeline.cli import main
+    from cloakbeam.cli.main import main
 
     for fields, needle in (({"nope": "keep"}, "field 'nope' is not in schema"), ({"gender": "shred"}, "unknown action 'shred'"),
                            ({"gender": {"action": "keep", "x": 1}}, "unknown parameter 'x'")):

@@ -11,7 +11,7 @@ import pytest
 
 from cloakbeam.errors import ConfigError
 from cloakbeam.keys.service import KeyRef
-from cloakbeam.pipeline.config import RuntimeConfig
+from cloakbeam.core.config import RuntimeConfig
 from cloakbeam.runners import RUNNERS, check_runner_compatibility, make_runner
 from cloakbeam.tests.runners_fixtures import POLICY, REPO, SCHEMA, make_inputs
 
@@ -77,7 +77,7 @@ def test_local_runners_accept_local_state(name):
 
 @pytest.mark.parametrize("name", ["flink", "dataflow"])
 def test_cli_refuses_remote_runner_with_default_local_state(name, tmp_path, capsys):
-    from cloakbeam.pipeline.cli import main
+    from cloakbeam.cli.main import main
 
     inputs = make_inputs(tmp_path / "in", rows=20, files=1, dirty=0.0)
     code = main(["run", "--runner", name, "--input", inputs[0], "--schema", str(SCHEMA), "--policy", str(POLICY), "--output", str(tmp_path / "out")])
@@ -102,7 +102,7 @@ def test_option_for_another_runner_is_refused_not_ignored():
 
 
 def test_cli_dask_address_with_direct_runner_exits_2(tmp_path, capsys):
-    from cloakbeam.pipeline.cli import main
+    from cloakbeam.cli.main import main
 
     inputs = make_inputs(tmp_path / "in", rows=20, files=1, dirty=0.0)
     code = main(["run", "--input", inputs[0], "--schema", str(SCHEMA), "--policy", str(POLICY), "--output", str(tmp_path / "out"), "--dask-address", "tcp://127.0.0.1:1"])
@@ -262,7 +262,7 @@ def test_reference_graph_translates_to_portable_proto(tmp_path):
 
 # ------------------------------------------------------------------------------------------ flex template
 def test_flex_template_metadata_is_valid_and_matches_the_entry_point():
-    from cloakbeam.runners import flex_template
+    from cloakbeam.cli import flex_template
 
     meta = json.loads((RUNNERS_DIR / "metadata.json").read_text())
     assert meta["name"] and meta["description"]
@@ -279,7 +279,7 @@ def test_flex_template_metadata_is_valid_and_matches_the_entry_point():
 
 
 def test_flex_template_passes_dataflow_options_through():
-    from cloakbeam.runners.flex_template import settings_from
+    from cloakbeam.cli.flex_template import settings_from
 
     s = settings_from(["--input=gs://b/raw/*.jsonl", "--schema=/template/s.avsc", "--policy=/template/p.yaml", "--output=gs://b/out", "--config=/template/prod.yaml", "--batch_size=1000", *DF_OK])
     assert s.runner == "dataflow" and s.inputs == ["gs://b/raw/*.jsonl"] and s.batch_size == 1000
@@ -291,5 +291,5 @@ def test_flex_template_passes_dataflow_options_through():
 def test_dockerfile_installs_cloakbeam_and_points_at_the_entry_point():
     text = (RUNNERS_DIR / "Dockerfile").read_text()
     assert "apache/beam_python3.11_sdk:2.77.0" in text  # the SDK matches the pinned apache-beam==2.77
-    assert "FLEX_TEMPLATE_PYTHON_PY_FILE" in text and "runners/flex_template.py" in text
+    assert "FLEX_TEMPLATE_PYTHON_PY_FILE" in text and "cli/flex_template.py" in text
     assert re.search(r"pip install .*cloakbeam-src", text)

@@ -96,7 +96,7 @@ def test_detectors_subset(tmp_path):
 
 
 def test_declared_classes_of_linked_fields_name_the_spans(customers_schema):
-    from cloakbeam.pipeline.policy import compile_policy
+    from cloakbeam.transforms.policy import compile_policy
 
     fields = {"notes": {"action": "scrub", "link": ["internal_ref"]}}
     policy = compile_policy({"version": 1, "dataset": "t", "fields": fields}, customers_schema)
@@ -120,7 +120,7 @@ def test_bad_configuration_fails_at_construction(params, message):
 
 
 def test_linked_field_must_exist(customers_schema):
-    from cloakbeam.pipeline.policy import compile_policy
+    from cloakbeam.transforms.policy import compile_policy
 
     with pytest.raises(PolicyError, match="refers to 'fullname', which is not a leaf field"):
         compile_policy({"version": 1, "dataset": "t", "fields": {"notes": {"action": "scrub", "link": ["fullname"]}}}, customers_schema)

@@ -7,7 +7,7 @@ import os
 import pyarrow as pa
 import pytest
 
-from cloakbeam.pipeline import fsio
+from cloakbeam.core import fsio
 from cloakbeam.transforms.write import BATCH_ID_KEY, batch_id, write_parquet_file
 
 

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloakbeam.pipeline.manifest import build_manifest
-from cloakbeam.pipeline.policy import load_policy
-from cloakbeam.pipeline.stats import FileStat, RunStats
+from cloakbeam.transforms.policy import load_policy
+from cloakbeam.core.stats import FileStat, RunStats
 from cloakbeam.pipeline.streaming import stats_from_window_manifests, window_label
 from cloakbeam.schemas.avro import load_schema
 from cloakbeam.tests.runners_fixtures import POLICY, SCHEMA

@@ -198,7 +198,7 @@ def test_bad_stream_options(tmp_path, opts, message):
 
 
 def test_cli_stream_options_need_streaming(tmp_path, capsys):
-    from cloakbeam.pipeline.cli import main
+    from cloakbeam.cli.main import main
 
     inputs = make_inputs(tmp_path / "in", rows=10, files=1, dirty=0.0)
     code = main(["run", "--input", inputs[0], "--schema", str(SCHEMA), "--policy", str(POLICY), "--output", str(tmp_path / "out"), "--window-seconds", "30"])
@@ -206,7 +206,7 @@ def test_cli_stream_options_need_streaming(tmp_path, capsys):
 
 
 def test_cli_streaming_on_dask_is_refused(tmp_path, capsys):
-    from cloakbeam.pipeline.cli import main
+    from cloakbeam.cli.main import main
 
     code = main(["run", "--streaming", "--runner", "dask", "--input", str(tmp_path / "*.jsonl"), "--schema", str(SCHEMA), "--policy", str(POLICY), "--output", str(tmp_path / "out")])
     assert code == 2 and "cannot run the streaming pipeline" in capsys.readouterr().err
@@ -216,7 +216,7 @@ def test_cli_streaming_on_dask_is_refused(tmp_path, capsys):
 def test_cli_watch_picks_up_files_as_they_arrive(tmp_path, capsys):
     """The local watch (PeriodicImpulse + seen-file state): a file present at start, one arriving later, one
     hidden (still being written) that must be ignored; manifest.json summarizes the committed windows."""
-    from cloakbeam.pipeline.cli import main
+    from cloakbeam.cli.main import main
 
     make_inputs(tmp_path / "src", rows=150, files=3, dirty=0.0)
     src = sorted((tmp_path / "src").glob("*.jsonl"))

@@ -12,8 +12,8 @@ import pytest
 
 from cloakbeam.errors import PolicyError
 from cloakbeam.keys.service import KeyRef, ensure_local_keyring
-from cloakbeam.pipeline.config import RuntimeConfig
-from cloakbeam.pipeline.policy import compile_policy
+from cloakbeam.core.config import RuntimeConfig
+from cloakbeam.transforms.policy import compile_policy
 from cloakbeam.schemas.avro import schema_from_dict
 from cloakbeam.transforms.protect import protect_batch
 from cloakbeam.transforms.registry import ActionContext
@@ -149,7 +149,7 @@ def test_missing_subject_field_fails(schema: Any, runtime: RuntimeConfig) -> Non
 
 @pytest.mark.slow
 def test_reference_pipeline_tokenizes_and_detokenizes(tmp_path: Path, reference_inputs: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
-    from cloakbeam.pipeline.cli import main
+    from cloakbeam.cli.main import main
     from cloakbeam.pipeline.graph import RunSettings, run_pipeline
     from cloakbeam.tests.conftest import POLICY, SCHEMA as REF_SCHEMA
 
@@ -167,7 +167,7 @@ def test_reference_pipeline_tokenizes_and_detokenizes(tmp_path: Path, reference_
     assert not set(raw.column("email").to_pylist()) & set(emails)
     # A second run over the same input adds no vault rows and gives identical tokens.
     from cloakbeam.keys.service import open_key_service
-    from cloakbeam.pipeline.config import key_ref_from
+    from cloakbeam.core.config import key_ref_from
     from cloakbeam.vault import open_vault
 
     vault = open_vault({"backend": "sqlite", "path": str(state / "vault.sqlite")}, open_key_service(key_ref_from({}, state)))

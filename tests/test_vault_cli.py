@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cloakbeam.keys.service import KeyRef, ensure_local_keyring, open_key_service
-from cloakbeam.pipeline.cli import main
+from cloakbeam.cli.main import main
 from cloakbeam.tests.vault_fixtures import pg_dsn, pg_ref  # noqa: F401
 from cloakbeam.vault import Domain, TokenFormat, open_vault
 from cloakbeam.vault.audit import AuditLog, audit_key

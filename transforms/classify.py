@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cloakbeam.errors import ClassificationError, PolicyError
-from cloakbeam.pipeline.policy import CompiledPolicy, register_section
+from cloakbeam.core.policy import CompiledPolicy, register_section
 from cloakbeam.schemas.avro import InputSchema
 from cloakbeam.transforms.detectors import CLASSES, DETECTORS, GUARD_DETECTORS, as_strings, evaluate
 

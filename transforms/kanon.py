@@ -33,8 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cloakbeam.errors import CloakbeamError, PolicyError
-from cloakbeam.pipeline.policy import CompiledPolicy, register_section
-from cloakbeam.pipeline.stats import RunStats
+from cloakbeam.core.policy import CompiledPolicy, register_section
+from cloakbeam.core.stats import RunStats
 from cloakbeam.schemas.avro import InputSchema
 from cloakbeam.transforms.generalize import Generalize, Hierarchy, build_hierarchy, canonical_string
 

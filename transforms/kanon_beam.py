@@ -24,7 +24,7 @@ from apache_beam.transforms import trigger as _trigger
 from apache_beam.transforms import window as _window
 from apache_beam.utils.timestamp import Duration
 
-from cloakbeam.pipeline.stats import RunStats
+from cloakbeam.core.stats import RunStats
 from cloakbeam.transforms.kanon import (
     AnonymityTargetError,
     KAnonSpec,

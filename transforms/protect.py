@@ -11,7 +11,7 @@ from typing import Mapping
 
 import pyarrow as pa
 
-from cloakbeam.pipeline.policy import CompiledPolicy
+from cloakbeam.core.policy import CompiledPolicy
 from cloakbeam.transforms.registry import ActionContext
 
 

@@ -11,8 +11,8 @@ import hashlib
 import json
 from typing import Any, Iterable
 
-from cloakbeam.pipeline import fsio
-from cloakbeam.pipeline.stats import FileStat
+from cloakbeam.core import fsio
+from cloakbeam.core.stats import FileStat
 from cloakbeam.transforms.ingest import Rejected
 
 QUARANTINE_DIR = "quarantine"

@@ -22,9 +22,9 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io import fileio
 
-from cloakbeam.pipeline import fsio
-from cloakbeam.pipeline.config import RuntimeConfig
-from cloakbeam.pipeline.stats import RunStats, is_stats
+from cloakbeam.core import fsio
+from cloakbeam.core.config import RuntimeConfig
+from cloakbeam.core.stats import RunStats, is_stats
 from cloakbeam.schemas.avro import InputSchema, schema_from_dict
 from cloakbeam.transforms.ingest import Rejected, detect_format, read_source
 from cloakbeam.transforms.quarantine import quarantine_entry, write_quarantine
@@ -52,7 +52,7 @@ class PolicyRef:
         return cls(policy.schema.avro, policy.raw, policy.schema.source, policy.source, text)
 
     def compile(self) -> Any:
-        from cloakbeam.pipeline.policy import compile_policy
+        from cloakbeam.transforms.policy import compile_policy
 
         return compile_policy(self.policy_raw, schema_from_dict(self.schema_avro, self.schema_source), self.policy_source, self.policy_text)
 
@@ -95,7 +95,7 @@ class _ReadFileFn(beam.DoFn):
     def setup(self) -> None:
         self.schema: InputSchema = schema_from_dict(self.schema_avro, self.schema_source)
         self.ctx = _runtime_context(self.runtime)
-        from cloakbeam.pipeline.progress import ProgressReporter
+        from cloakbeam.core.progress import ProgressReporter
 
         self.progress = ProgressReporter(getattr(self.runtime, "progress_addr", None))
 
@@ -254,7 +254,7 @@ class _WriteFn(beam.DoFn):
         self.section = None
         if self.policy_ref is not None:
             self.section = self.policy_ref.compile().sections.get("parquet_encryption")
-        from cloakbeam.pipeline.progress import ProgressReporter
+        from cloakbeam.core.progress import ProgressReporter
 
         self.progress = ProgressReporter(getattr(self.runtime, "progress_addr", None))
 

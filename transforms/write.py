@@ -14,8 +14,8 @@ from typing import Any, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cloakbeam.pipeline import fsio
-from cloakbeam.pipeline.stats import FileStat
+from cloakbeam.core import fsio
+from cloakbeam.core.stats import FileStat
 
 DATA_DIR = "data"
 BATCH_ID_KEY = b"cloakbeam.batch_id"

@@ -19,9 +19,27 @@ from typing import Any, Mapping
 import yaml
 
 from cloakbeam.errors import ConfigError
-from cloakbeam.keys.service import KeyRef
 
 DEFAULT_STATE_DIR = ".cloakbeam"
+
+
+@dataclass(frozen=True)
+class KeyRef:
+    """Where keys live, without any key material: safe to pickle into a DoFn and to write in a manifest.
+
+    params (all optional, non-secret): dek_ttl_seconds, dek_max_uses, and provider settings (key_id, endpoint,
+    region, mount, ...). Secrets such as KMS credentials come from the provider's usual environment.
+    """
+
+    provider: str = "local"
+    path: str | None = None
+    params: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+    def param(self, name: str, default: str | None = None) -> str | None:
+        return dict(self.params).get(name, default)
+
+    def describe(self) -> dict[str, Any]:
+        return {"provider": self.provider, "path": self.path, **dict(self.params)}
 
 
 @dataclass(frozen=True)

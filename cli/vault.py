@@ -79,7 +79,7 @@ class _Env:
 
     def __init__(self, args: argparse.Namespace, need_vault: bool = True) -> None:
         from cloakbeam.keys.service import open_key_service
-        from cloakbeam.pipeline.config import key_ref_from, load_config_file, resolve_state_dir, vault_ref_from
+        from cloakbeam.core.config import key_ref_from, load_config_file, resolve_state_dir, vault_ref_from
         from cloakbeam.errors import KeyAccessError
         from cloakbeam.vault.audit import AuditLog, audit_key
 

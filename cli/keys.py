@@ -14,7 +14,7 @@ from typing import Any
 
 from cloakbeam.errors import ConfigError, IntegrityError, KeyAccessError
 
-from cloakbeam.vault.cli import AUDIT_FILE, ROLES_FILE  # one place names the files both CLIs use
+from cloakbeam.cli.vault import AUDIT_FILE, ROLES_FILE  # one place names the files both CLIs use
 
 
 def register(subparsers: Any) -> None:
@@ -84,7 +84,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _ref(args: argparse.Namespace, create_state: bool = False):
     from dataclasses import replace
 
-    from cloakbeam.pipeline.config import key_ref_from, load_config_file, resolve_state_dir
+    from cloakbeam.core.config import key_ref_from, load_config_file, resolve_state_dir
 
     config = load_config_file(getattr(args, "config", None))
     state = resolve_state_dir(getattr(args, "state_dir", None), config, create=create_state, quiet=True)
@@ -179,16 +179,17 @@ def cmd_public_key(args: argparse.Namespace) -> int:
 
 
 def _roles(args: argparse.Namespace, state: Path):
-    from cloakbeam.keys.roles import load_role_policy
+    from cloakbeam.vault.roles import RolePolicy
 
     path = args.roles or os.environ.get("CLOAKBEAM_ROLES") or str(state / ROLES_FILE)
     if not Path(path).exists():
         raise ConfigError(f"role policy {path} does not exist; pass --roles FILE (see docs/keys-and-encryption.md)")
-    return load_role_policy(path)
+    return RolePolicy.load(path)
 
 
 def cmd_decrypt(args: argparse.Namespace) -> int:
-    from cloakbeam.keys.decrypt import decrypt_output, write_private_table
+    from cloakbeam.keys.decrypt import write_private_table
+    from cloakbeam.vault.reveal import decrypt_output
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

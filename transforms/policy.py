@@ -19,32 +19,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import pyarrow as pa
 import yaml
 
+from cloakbeam.core.policy import CORE_KEYS, POLICY_VERSION, CompiledPolicy, registered_sections
 from cloakbeam.errors import PolicyError
 from cloakbeam.schemas.avro import FieldInfo, InputSchema
 from cloakbeam.transforms.registry import Action, get_action
 
-POLICY_VERSION = 1
-_CORE_KEYS = {"version", "dataset", "description", "fields"}
+__all__ = ["CompiledPolicy", "compile_policy", "load_policy", "SECTION_MODULES"]
 
-# Optional top-level sections: name -> compiler(section_value, schema, policy_so_far) -> compiled object.
-_SECTIONS: dict[str, Callable[[Any, InputSchema, "CompiledPolicy"], Any]] = {}
+#: Modules that own a policy section (they call `cloakbeam.core.policy.register_section` when imported).
 SECTION_MODULES = (
     "cloakbeam.transforms.classify",
     "cloakbeam.transforms.kanon",
     "cloakbeam.keys.parquet_encryption",
 )
-
-
-def register_section(name: str, compiler: Callable[[Any, InputSchema, "CompiledPolicy"], Any]) -> None:
-    """Let a module own a top-level policy section; its compiler raises PolicyError on bad content."""
-    _SECTIONS[name] = compiler
 
 
 def _load_sections() -> None:
@@ -56,70 +49,6 @@ def _load_sections() -> None:
         except ModuleNotFoundError as exc:
             if exc.name != mod:
                 raise
-
-
-@dataclass
-class CompiledPolicy:
-    """A validated policy: one Action per kept-or-protected leaf path, and the dropped paths."""
-
-    source: str
-    dataset: str
-    content_hash: str
-    schema: InputSchema
-    actions: dict[str, Action] = field(default_factory=dict)  # leaf path -> action (includes drops)
-    unmentioned: list[str] = field(default_factory=list)  # leaf paths dropped by default deny
-    sections: dict[str, Any] = field(default_factory=dict)
-    raw: dict[str, Any] = field(default_factory=dict)
-    #: Checks run on every input batch before protection: fn(columns by leaf path, ctx) -> None; they raise
-    #: (fail closed) or count into ctx.stats. Section compilers append to this list.
-    checks: list[Callable[[Mapping[str, pa.Array], Any], None]] = field(default_factory=list)
-
-    @property
-    def output_actions(self) -> dict[str, Action]:
-        """Leaf path -> action, for every leaf that reaches the output."""
-        return {p: a for p, a in self.actions.items() if a.output_type() is not None}
-
-    @property
-    def dropped(self) -> list[str]:
-        """Every leaf path absent from the output: explicit `drop` and default deny."""
-        explicit = [p for p, a in self.actions.items() if a.output_type() is None]
-        return sorted(explicit + self.unmentioned)
-
-    def requires(self) -> set[str]:
-        need: set[str] = set()
-        for a in self.actions.values():
-            need |= set(a.requires)
-        return need
-
-    def output_schema(self, classes: Mapping[str, str] | None = None) -> pa.Schema:
-        """Arrow schema of the training output; each leaf carries its action and class as field metadata."""
-        classes = classes or {}
-        return pa.schema(
-            _prune_fields(list(self.schema.arrow), "", self.output_actions, classes),
-            metadata={b"cloakbeam.policy_sha256": self.content_hash.encode(), b"cloakbeam.dataset": self.dataset.encode()},
-        )
-
-
-def _prune_fields(fields: list[pa.Field], prefix: str, actions: Mapping[str, Action], classes: Mapping[str, str]) -> list[pa.Field]:
-    out = []
-    for f in fields:
-        path = prefix + f.name
-        if pa.types.is_struct(f.type):
-            children = _prune_fields(list(f.type), path + ".", actions, classes)
-            if children:
-                out.append(pa.field(f.name, pa.struct(children), nullable=f.nullable))
-            continue
-        action = actions.get(path)
-        if action is None:
-            continue
-        out_type = action.output_type()
-        meta = {
-            b"cloakbeam.action": json.dumps(action.describe(), sort_keys=True, default=str).encode(),
-            b"cloakbeam.class": (classes.get(path) or action.field.declared_class or "OTHER").encode(),
-        }
-        nullable = f.nullable or out_type != f.type or action.name != "keep"
-        out.append(pa.field(f.name, out_type, nullable=nullable, metadata=meta))
-    return out
 
 
 def load_policy(path: str | Path, schema: InputSchema) -> CompiledPolicy:
@@ -152,9 +81,10 @@ def compile_policy(raw: Any, schema: InputSchema, source: str = "<inline>", text
 
 
 def _compile(raw: dict[str, Any], schema: InputSchema, source: str, text: str | None) -> CompiledPolicy:
-    unknown = sorted(set(raw) - _CORE_KEYS - set(_SECTIONS))
+    sections = registered_sections()
+    unknown = sorted(set(raw) - CORE_KEYS - set(sections))
     if unknown:
-        known = ", ".join(sorted(_CORE_KEYS | set(_SECTIONS)))
+        known = ", ".join(sorted(CORE_KEYS | set(sections)))
         raise PolicyError(f"unknown top-level key '{unknown[0]}'; allowed keys: {known}")
     version = raw.get("version", POLICY_VERSION)
     if version != POLICY_VERSION:
@@ -209,7 +139,7 @@ def _compile(raw: dict[str, Any], schema: InputSchema, source: str, text: str | 
 
     # Every section compiler runs, with None when its section is absent, so a section can enforce defaults
     # (classification fails closed even when the policy says nothing about it). A compiler may return None.
-    for name, compiler in _SECTIONS.items():
+    for name, compiler in sections.items():
         compiled = compiler(raw.get(name), schema, policy)
         if compiled is not None:
             policy.sections[name] = compiled

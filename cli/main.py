@@ -17,10 +17,10 @@ from cloakbeam import __version__
 from cloakbeam.errors import CloakbeamError, ConfigError
 
 COMMAND_MODULES = (
-    "cloakbeam.pipeline.commands",  # run, demo, generate
-    "cloakbeam.transforms.classify_cli",  # classify
-    "cloakbeam.keys.cli",  # keys init|list|rotate|rewrap, decrypt, verify
-    "cloakbeam.vault.cli",  # vault detokenize|forget, audit verify
+    "cloakbeam.cli.run",  # run, demo, generate
+    "cloakbeam.cli.classify",  # classify
+    "cloakbeam.cli.keys",  # keys init|list|rotate|rewrap, decrypt, verify
+    "cloakbeam.cli.vault",  # vault detokenize|forget, audit verify
 )
 
 
