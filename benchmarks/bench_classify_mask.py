@@ -1,6 +1,6 @@
 """Benchmark: classification, masking, pseudonymization and scrubbing throughput on the reference dataset.
 
-    .venv/bin/python -m cloakbeam.benchmarks.bench_classify_mask [--rows 1000000] [--batch 65536] [--only NAME ...]
+    .venv/bin/python benchmarks/bench_classify_mask.py [--rows 1000000] [--batch 65536] [--only NAME ...]
 
 Prints one JSON line per measurement: {"bench": ..., "rows": ..., "seconds": ..., "rows_per_s": ...}. Timings
 are wall-clock on one core of this machine, after generating the data in memory (not timed). Each measured
@@ -13,8 +13,8 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pyarrow as pa
 
@@ -65,10 +65,10 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="run only measurements whose name starts with one of these")
     args = ap.parse_args()
 
-    from cloakbeam.transforms.policy import compile_policy
     from cloakbeam.schemas.avro import load_schema
     from cloakbeam.schemas.generate import SCHEMA_PATH
     from cloakbeam.transforms.detectors import evaluate
+    from cloakbeam.transforms.policy import compile_policy
     from cloakbeam.transforms.protect import flatten_columns
     from cloakbeam.transforms.pseudonymize import SurrogateGenerator
     from cloakbeam.transforms.registry import get_action
@@ -131,7 +131,7 @@ def main() -> None:
         action.apply(cols[0][path], cols[0], ctx)  # build Faker pools and caches outside the timing
         rows = sum(b.num_rows for b in batches)
         t = time.perf_counter()
-        for b, c in by_batch:
+        for _b, c in by_batch:
             action.apply(c[path], c, ctx)
         _emit(label, rows, time.perf_counter() - t)
 

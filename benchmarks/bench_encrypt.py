@@ -2,7 +2,7 @@
 
 Prints one JSON line per (cell size, method): cells/s and MB/s of plaintext, best of --repeat runs.
 
-    .venv/bin/python -m cloakbeam.benchmarks.bench_encrypt [--rows 200000] [--repeat 3]
+    .venv/bin/python benchmarks/bench_encrypt.py [--rows 200000] [--repeat 3]
 
 The naive loop is what a straightforward implementation does: for each Python value, draw a nonce, call
 AESGCM.encrypt, concatenate header + nonce + ciphertext, and build the Arrow array from a Python list.
@@ -63,11 +63,11 @@ def main() -> None:
             values = [os.urandom(size) for _ in range(rows)]
             arr = pa.array(values, pa.binary())
             results = {}
-            results["stage"] = _best(lambda: encrypt_column(arr, key, dataset="bench", column="col"), args.repeat)
-            results["naive_loop"] = _best(lambda: naive_loop(arr.to_pylist(), naive_aead, key.key_id, aad), args.repeat)
+            results["stage"] = _best(lambda arr=arr: encrypt_column(arr, key, dataset="bench", column="col"), args.repeat)
+            results["naive_loop"] = _best(lambda arr=arr: naive_loop(arr.to_pylist(), naive_aead, key.key_id, aad), args.repeat)
             enc = encrypt_column(arr, key, dataset="bench", column="col")
             lookup = {key.key_id: key}
-            results["stage_decrypt"] = _best(lambda: decrypt_column(enc, lookup, dataset="bench", column="col"), args.repeat)
+            results["stage_decrypt"] = _best(lambda enc=enc, lookup=lookup: decrypt_column(enc, lookup, dataset="bench", column="col"), args.repeat)
             assert decrypt_column(enc, lookup, dataset="bench", column="col").equals(arr)
             for method, secs in results.items():
                 print(json.dumps({

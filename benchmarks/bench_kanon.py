@@ -6,7 +6,7 @@ Prints one JSON line per measurement:
   - mode "beam": the `EnforceKAnonymity` PTransform on the in-process FnApiRunner (batches generated inside
     the pipeline; the generation time, measured separately, is reported and not subtracted).
 
-Run:  .venv/bin/python -m cloakbeam.benchmarks.bench_kanon [--rows 1000000] [--batch-rows 65536] [--modes functions,beam]
+Run:  .venv/bin/python benchmarks/bench_kanon.py [--rows 1000000] [--batch-rows 65536] [--modes functions,beam]
       [--qis 4|8]
 The input imitates the protect stage's output: QIs as full-detail canonical strings.
 """

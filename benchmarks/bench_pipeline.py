@@ -1,6 +1,6 @@
 """End-to-end pipeline benchmark: generate N reference rows once, run the reference policy, print one JSON line.
 
-    python -m cloakbeam.benchmarks.bench_pipeline --rows 100000 [--format jsonl] [--runner direct] [--dirty 0.01]
+    .venv/bin/python benchmarks/bench_pipeline.py --rows 100000 [--format jsonl] [--runner direct] [--dirty 0.01]
 
 Output: {"rows", "seconds", "rows_per_s", "peak_rss_mb", "runner", "format", "batch_size", "written",
 "quarantined", "suppressed"}. Generation is not timed; the input is cached under --work by (rows, seed, format,

@@ -1,6 +1,6 @@
 """Runner comparison: the reference policy on the same input on each local runner profile, one JSON line each.
 
-    python -m cloakbeam.benchmarks.bench_runners --rows 100000 --files 4 [--runners direct,direct2,dask]
+    .venv/bin/python benchmarks/bench_runners.py --rows 100000 --files 4 [--runners direct,direct2,dask]
 
 direct = FnApiRunner in process; direct2 = FnApiRunner with 2 SDK worker processes; dask = Beam's DaskRunner on a
 LocalCluster of 2 worker processes (cluster start-up and shut-down included in `seconds`). Each line: {"runner", "rows", "files", "seconds", "rows_per_s",

@@ -1,7 +1,7 @@
 """Token vault throughput: tokens/s for new and repeated values on SQLite and PostgreSQL (JSON lines on stdout).
 
-    .venv/bin/python -m cloakbeam.benchmarks.bench_vault                 # N = 1,000,000, both backends
-    .venv/bin/python -m cloakbeam.benchmarks.bench_vault --n 100000 --backends sqlite
+    .venv/bin/python benchmarks/bench_vault.py                 # N = 1,000,000, both backends
+    .venv/bin/python benchmarks/bench_vault.py --n 100000 --backends sqlite
 
 Modes, each over N values pushed through the `tokenize` action in batches of --batch rows (as the pipeline does):
 - `prf_only`: token computation alone (HMAC-SHA256 with a precomputed key state `.copy()`), vs `hmac.new` per value.
@@ -47,8 +47,8 @@ def _action(fmt: str) -> Any:
 
 
 def _ctx(ref: dict[str, Any], key_path: str, cache: int) -> Any:
-    from cloakbeam.keys.service import KeyRef
     from cloakbeam.core.config import RuntimeConfig
+    from cloakbeam.keys.service import KeyRef
     from cloakbeam.transforms.registry import ActionContext
 
     rt = RuntimeConfig(run_id="bench", dataset_id="bench", state_dir=str(Path(key_path).parent), keys=KeyRef(path=key_path), vault={**ref, "cache_size": cache})

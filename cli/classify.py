@@ -18,7 +18,8 @@ import io
 import json
 import os
 import sys
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import pyarrow as pa
 
@@ -124,6 +125,7 @@ def _infer_csv(path: str, n: int) -> tuple[pa.Table, int]:
     """pyarrow.csv over the sample, every column read as text. Lines are screened one by one first (a broken
     quote would otherwise swallow the lines after it); lines that do not parse to the header's width are skipped."""
     import csv
+
     import pyarrow.csv as pcsv
 
     lines = _head_lines(path, n, header=True).splitlines(keepends=True)

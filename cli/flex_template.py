@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 # Template parameter name -> (required, help). Kept in step with runners/metadata.json by tests.
 PARAMETERS = {
@@ -27,8 +27,7 @@ PARAMETERS = {
 def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="cloakbeam-flex-template")
     for name, (required, doc) in PARAMETERS.items():
-        kw = {"type": int} if name == "batch_size" else {}
-        parser.add_argument(f"--{name}", required=required, help=doc, **kw)
+        parser.add_argument(f"--{name}", required=required, help=doc, type=int if name == "batch_size" else str)
     return parser.parse_known_args(list(argv))
 
 

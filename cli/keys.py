@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cloakbeam.errors import ConfigError, IntegrityError, KeyAccessError
-
 from cloakbeam.cli.vault import AUDIT_FILE, ROLES_FILE  # one place names the files both CLIs use
+from cloakbeam.errors import ConfigError, IntegrityError, KeyAccessError
 
 
 def register(subparsers: Any) -> None:

@@ -11,7 +11,8 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
+from typing import NoReturn
 
 from cloakbeam import __version__
 from cloakbeam.errors import CloakbeamError, ConfigError
@@ -25,7 +26,7 @@ COMMAND_MODULES = (
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse exits 2 already; keep its message short
+    def error(self, message: str) -> NoReturn:  # argparse exits 2 already; keep its message short
         self.print_usage(sys.stderr)
         print(f"cloakbeam: error: {message}", file=sys.stderr)
         raise SystemExit(2)

@@ -78,9 +78,9 @@ class _Env:
     """Keys, vault, audit log and role policy opened from the command's options."""
 
     def __init__(self, args: argparse.Namespace, need_vault: bool = True) -> None:
-        from cloakbeam.keys.service import open_key_service
         from cloakbeam.core.config import key_ref_from, load_config_file, resolve_state_dir, vault_ref_from
         from cloakbeam.errors import KeyAccessError
+        from cloakbeam.keys.service import open_key_service
         from cloakbeam.vault.audit import AuditLog, audit_key
 
         config = load_config_file(args.config)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 import sys
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -53,7 +54,7 @@ class RuntimeConfig:
     vault: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"backend": "sqlite", "path": ...}
     progress_addr: tuple[str, int] | None = None  # loopback UDP listener for live progress (local runners only)
 
-    def with_dataset(self, dataset_id: str) -> "RuntimeConfig":
+    def with_dataset(self, dataset_id: str) -> RuntimeConfig:
         return replace(self, dataset_id=dataset_id)
 
 

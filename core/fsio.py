@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 
 def is_local(path: str) -> bool:
@@ -64,6 +65,7 @@ def atomic_writer(path: str) -> Iterator[HashingWriter]:
     """Yield a HashingWriter whose content appears at `path` only if the block completes without error."""
     directory, name = (os.path.split(path) if is_local(path) else path.rsplit("/", 1))
     tmp = join(directory, f".tmp-{uuid.uuid4().hex}-{name}")
+    raw: BinaryIO
     if is_local(path):
         os.makedirs(directory, exist_ok=True)
         raw = open(tmp, "wb")
@@ -107,6 +109,7 @@ def sha256_of(path: str, chunk: int = 1 << 20) -> tuple[int, str]:
     """(size, hex SHA-256) of a file, streamed."""
     h = hashlib.sha256()
     size = 0
+    fh: BinaryIO
     if is_local(path):
         fh = open(path, "rb")
     else:

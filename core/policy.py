@@ -11,8 +11,9 @@ Nothing here reads data; a policy never holds a record value.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -47,7 +48,7 @@ class CompiledPolicy:
     dataset: str
     content_hash: str
     schema: InputSchema
-    actions: "dict[str, Action]" = field(default_factory=dict)  # leaf path -> action (includes drops)
+    actions: dict[str, Action] = field(default_factory=dict)  # leaf path -> action (includes drops)
     unmentioned: list[str] = field(default_factory=list)  # leaf paths dropped by default deny
     sections: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
@@ -56,7 +57,7 @@ class CompiledPolicy:
     checks: list[Callable[[Mapping[str, pa.Array], Any], None]] = field(default_factory=list)
 
     @property
-    def output_actions(self) -> "dict[str, Action]":
+    def output_actions(self) -> dict[str, Action]:
         """Leaf path -> action, for every leaf that reaches the output."""
         return {p: a for p, a in self.actions.items() if a.output_type() is not None}
 
@@ -82,7 +83,7 @@ class CompiledPolicy:
         )
 
 
-def _prune_fields(fields: list[pa.Field], prefix: str, actions: "Mapping[str, Action]", classes: Mapping[str, str]) -> list[pa.Field]:
+def _prune_fields(fields: list[pa.Field], prefix: str, actions: Mapping[str, Action], classes: Mapping[str, str]) -> list[pa.Field]:
     out = []
     for f in fields:
         path = prefix + f.name

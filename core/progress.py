@@ -18,11 +18,11 @@ class ProgressReporter:
     """Worker side; a no-op when no address is configured (remote runners)."""
 
     def __init__(self, addr: tuple[str, int] | None) -> None:
-        self.addr = tuple(addr) if addr else None
+        self.addr: tuple[str, int] | None = (str(addr[0]), int(addr[1])) if addr else None
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM) if self.addr else None
 
     def send(self, stage: str, n: int) -> None:
-        if self.sock is not None:
+        if self.sock is not None and self.addr is not None:
             try:
                 self.sock.sendto(f"{stage} {int(n)}".encode(), self.addr)
             except OSError:
@@ -44,7 +44,7 @@ class ProgressListener:
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._start = time.monotonic()
 
-    def __enter__(self) -> "ProgressListener":
+    def __enter__(self) -> ProgressListener:
         self._thread.start()
         return self
 
@@ -65,7 +65,7 @@ class ProgressListener:
                 data, _ = self.sock.recvfrom(256)
                 stage, n = data.decode().split()
                 self.counts[stage] += int(n)
-            except (socket.timeout, ValueError, OSError):
+            except (TimeoutError, ValueError, OSError):
                 pass
             now = time.monotonic()
             state = (self.counts["read"], self.counts["written"])

@@ -8,8 +8,9 @@ writes the manifest from the result. RunStats hold counts, file names and hashes
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 
 @dataclass
@@ -42,7 +43,7 @@ class RunStats:
     inputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # source path -> {bytes, sha256, records}
     extra: dict[str, Any] = field(default_factory=dict)  # section reports (k-anonymity, windows), JSON-able
 
-    def merge(self, other: "RunStats") -> "RunStats":
+    def merge(self, other: RunStats) -> RunStats:
         self.counts.update(other.counts)
         self.fields.update(other.fields)
         self.reasons.update(other.reasons)
@@ -56,7 +57,7 @@ class RunStats:
         return self
 
     @classmethod
-    def merged(cls, items: Iterable["RunStats"]) -> "RunStats":
+    def merged(cls, items: Iterable[RunStats]) -> RunStats:
         out = cls()
         for s in items:
             out.merge(s)

@@ -24,8 +24,8 @@ errors name column and row, never content.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import numpy as np
 import pyarrow as pa

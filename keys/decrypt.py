@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cloakbeam.errors import ConfigError, IntegrityError, KeyAccessError
 from cloakbeam.keys.cells import decrypt_column
-from cloakbeam.keys.service import PARQUET_KEYS_METADATA, collect_wrapped_keys, merge_wrapped_keys, read_parquet_wrapped_keys
+from cloakbeam.keys.service import PARQUET_KEYS_METADATA, collect_wrapped_keys, read_parquet_wrapped_keys
 
 MANIFEST_NAME = "manifest.json"
 

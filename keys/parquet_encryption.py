@@ -21,15 +21,14 @@ intermediate KEKs (128-bit by default) instead of ours. The wrapping material is
 from __future__ import annotations
 
 import base64
-import json
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet.encryption as pe
 
-from cloakbeam.errors import KeyAccessError, PolicyError
 from cloakbeam.core.policy import register_section
+from cloakbeam.errors import KeyAccessError, PolicyError
 
 SECTION = "parquet_encryption"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

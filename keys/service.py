@@ -32,17 +32,18 @@ import json
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from cloakbeam.errors import ConfigError, KeyAccessError
 from cloakbeam.core.config import KeyRef
+from cloakbeam.errors import ConfigError, KeyAccessError
 from cloakbeam.keys import keyring as _kr
 
 ALG_GCM = "AES-256-GCM"
@@ -288,8 +289,9 @@ class KeyService:
     # -- envelope for single blobs (quarantine) -----------------------------------------------------
     def seal(self, plaintext: bytes, *, dataset: str, purpose: str, context: str) -> bytes:
         """Self-contained envelope: u16 record length || wrapped-DEK JSON || GCM cell (context bound as AAD)."""
-        from cloakbeam.keys.cells import encrypt_column
         import pyarrow as pa
+
+        from cloakbeam.keys.cells import encrypt_column
 
         key = self.data_key(dataset, f"__{purpose}__", uses=1)
         cell = encrypt_column(pa.array([plaintext], pa.binary()), key, dataset=dataset, column=f"__{purpose}__/{context}")[0].as_py()
@@ -297,9 +299,10 @@ class KeyService:
         return len(rec).to_bytes(4, "big") + rec + cell
 
     def open_sealed(self, blob: bytes, *, dataset: str, purpose: str, context: str) -> bytes:
+        import pyarrow as pa
+
         from cloakbeam.errors import IntegrityError
         from cloakbeam.keys.cells import decrypt_column
-        import pyarrow as pa
 
         try:
             n = int.from_bytes(blob[:4], "big")

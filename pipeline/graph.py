@@ -12,10 +12,10 @@ import logging
 import os
 import pickle
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
-from cloakbeam.errors import ConfigError, KeyAccessError
 from cloakbeam.core import fsio
 from cloakbeam.core.config import (
     RuntimeConfig,
@@ -25,9 +25,10 @@ from cloakbeam.core.config import (
     resolve_state_dir,
     vault_ref_from,
 )
+from cloakbeam.errors import ConfigError, KeyAccessError
 from cloakbeam.pipeline.manifest import build_manifest, check_reconciled, write_manifest
-from cloakbeam.transforms.policy import CompiledPolicy, load_policy
 from cloakbeam.schemas.avro import load_schema
+from cloakbeam.transforms.policy import CompiledPolicy, load_policy
 
 log = logging.getLogger(__name__)
 STATS_DIR = ".cloakbeam-run"
@@ -198,8 +199,8 @@ class _nullcontext:
 
 
 def _load_stats(path: str):
-    from cloakbeam.errors import CloakbeamError
     from cloakbeam.core.stats import RunStats
+    from cloakbeam.errors import CloakbeamError
 
     try:
         if fsio.is_local(path):

@@ -14,9 +14,9 @@ import platform
 from typing import Any
 
 from cloakbeam import __version__
-from cloakbeam.errors import ReconciliationError
 from cloakbeam.core import fsio
 from cloakbeam.core.stats import RunStats
+from cloakbeam.errors import ReconciliationError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "cloakbeam-manifest/1"

@@ -27,8 +27,9 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.transforms import trigger as _trigger
@@ -36,9 +37,9 @@ from apache_beam.transforms import userstate
 from apache_beam.transforms.window import FixedWindows, TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
 
-from cloakbeam.errors import ConfigError
 from cloakbeam.core import fsio
 from cloakbeam.core.stats import FileStat, RunStats, is_stats
+from cloakbeam.errors import ConfigError
 from cloakbeam.transforms.steps import _MergeStats
 
 MANIFESTS_DIR = "manifests"
@@ -54,7 +55,7 @@ class StreamOptions:
     poll_seconds: float = 5.0
     watch_seconds: float | None = None
 
-    def check(self) -> "StreamOptions":
+    def check(self) -> StreamOptions:
         if self.window_seconds <= 0:
             raise ConfigError("--window-seconds must be positive")
         if self.allowed_lateness < 0:
@@ -281,8 +282,9 @@ class ProtectWindowed(beam.PTransform):
         self.opts = opts.check()
 
     def expand(self, paths):
-        from cloakbeam.transforms.steps import PolicyRef, ProtectRecords, WriteTrainingParquet, _ReadFileFn
         from apache_beam.io import fileio
+
+        from cloakbeam.transforms.steps import PolicyRef, ProtectRecords, WriteTrainingParquet, _ReadFileFn
 
         run, s = self.run, self.run.settings
         schema = run.policy.schema

@@ -12,7 +12,8 @@ SQLite vault or a local keyring, which their workers cannot reach. No profile ev
 from __future__ import annotations
 
 import importlib
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from cloakbeam.errors import ConfigError
 from cloakbeam.runners.base import LOCAL_RUNNERS, REMOTE_RUNNERS, RunnerHandle, check_remote_state, reject_unknown

@@ -8,7 +8,8 @@ falls back to another runner: a runner that cannot be built or reached raises.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 from cloakbeam.errors import ConfigError
 
@@ -28,7 +29,7 @@ class RunnerHandle:
         self.options = options
 
     @contextlib.contextmanager
-    def session(self) -> Iterator["RunnerHandle"]:
+    def session(self) -> Iterator[RunnerHandle]:
         yield self
 
 

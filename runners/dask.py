@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 from cloakbeam.errors import ConfigError
 from cloakbeam.runners.base import RunnerHandle, no_fallback, reject_unknown
@@ -153,7 +154,7 @@ class DaskHandle(RunnerHandle):
         self.auto_partitions = False
 
     @contextlib.contextmanager
-    def session(self) -> Iterator["DaskHandle"]:
+    def session(self) -> Iterator[DaskHandle]:
         """Start a LocalCluster when no scheduler address was given; close the run's client and the cluster."""
         from apache_beam.runners.dask.dask_runner import DaskOptions
 

@@ -17,8 +17,9 @@ a local SQLite vault or keyring is refused by `check_runner_compatibility`.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from cloakbeam.errors import ConfigError
 from cloakbeam.runners.base import RunnerHandle, reject_unknown

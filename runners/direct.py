@@ -8,7 +8,8 @@ that is what makes the options reach multi-process SDK workers (`--runner=FnApiR
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from cloakbeam.errors import ConfigError
 from cloakbeam.runners.base import RunnerHandle, reject_unknown

@@ -15,7 +15,8 @@ or keyring: that combination is refused by `check_runner_compatibility`.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from cloakbeam.errors import ConfigError
 from cloakbeam.runners.base import RunnerHandle, reject_unknown

@@ -8,11 +8,9 @@ from pathlib import Path
 
 import pytest
 
-logging.getLogger("root").setLevel(logging.ERROR)
+from cloakbeam.tests.paths import POLICY, REPO, SCHEMA  # noqa: F401  (re-exported for fixtures)
 
-REPO = Path(__file__).resolve().parent.parent
-SCHEMA = REPO / "schemas" / "customers.avsc"
-POLICY = REPO / "schemas" / "customers.policy.yaml"
+logging.getLogger("root").setLevel(logging.ERROR)
 
 
 @pytest.fixture(autouse=True)

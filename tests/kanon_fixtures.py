@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter, defaultdict
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import pyarrow as pa
 
 from cloakbeam.core.policy import CompiledPolicy
-from cloakbeam.transforms.policy import compile_policy
 from cloakbeam.schemas.avro import schema_from_dict
+from cloakbeam.transforms.policy import compile_policy
 from cloakbeam.transforms.protect import protect_batch
 from cloakbeam.transforms.registry import ActionContext
 
@@ -87,7 +88,7 @@ def _get(row: dict[str, Any], path: str) -> Any:
 
 
 def check_k_l(rows: list[dict[str, Any]], qis: Sequence[str], k: int, l: int | None) -> None:
-    for key, sens in released_classes(rows, qis).items():
+    for sens in released_classes(rows, qis).values():
         assert len(sens) >= k, f"class of size {len(sens)} < k={k}"
         if l is not None:
             assert len(set(sens)) >= l, f"class with {len(set(sens))} distinct sensitive values < l={l}"

@@ -28,15 +28,16 @@ Fail closed, twice:
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cloakbeam.errors import ClassificationError, PolicyError
 from cloakbeam.core.policy import CompiledPolicy, register_section
+from cloakbeam.errors import ClassificationError, PolicyError
 from cloakbeam.schemas.avro import InputSchema
 from cloakbeam.transforms.detectors import CLASSES, DETECTORS, GUARD_DETECTORS, as_strings, evaluate
 

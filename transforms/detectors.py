@@ -17,8 +17,8 @@ Nothing here returns, logs or raises with a matched value except `find_spans`, w
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -59,7 +59,7 @@ class Detector:
     in_text: bool = True
     _compiled: list = field(default_factory=list, compare=False, repr=False)
 
-    def regex(self) -> "re.Pattern[str]":
+    def regex(self) -> re.Pattern[str]:
         """The same pattern compiled for Python `re` (ASCII semantics like RE2), for span finding."""
         if not self._compiled:
             self._compiled.append(re.compile(self.pattern, re.ASCII))

@@ -14,7 +14,8 @@ nothing from Beam and never puts a value or key byte in an error or counter.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import pyarrow as pa
 

@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -310,8 +311,8 @@ def build_hierarchy(spec: Mapping[str, Any], arrow_type: pa.DataType) -> tuple[H
             return None, f"is of type {arrow_type}; an 'age' hierarchy needs a date or timestamp field"
         widths = spec.get("widths")
         problem = _check_widths(widths, integer=(kind == "age"))
-        if problem:
-            return None, problem
+        if problem or widths is None:
+            return None, problem or "needs 'widths'"
         as_of = None
         if kind == "age":
             as_of = parse_as_of(spec.get("as_of"))

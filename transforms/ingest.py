@@ -17,8 +17,9 @@ import csv
 import datetime as dt
 import io
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -453,7 +454,7 @@ def _read_avro(fh: BinaryIO, source: str, schema: InputSchema, batch_size: int) 
                 continue
             if len(coercer.rows) >= batch_size:
                 yield coercer.flush()
-        pos = block_end
+        pos = block_end  # type: ignore[assignment]  # not None here: the damaged-block branch continued
     if coercer.rows:
         yield coercer.flush()
 

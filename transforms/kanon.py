@@ -25,16 +25,17 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cloakbeam.errors import CloakbeamError, PolicyError
 from cloakbeam.core.policy import CompiledPolicy, register_section
 from cloakbeam.core.stats import RunStats
+from cloakbeam.errors import CloakbeamError, PolicyError
 from cloakbeam.schemas.avro import InputSchema
 from cloakbeam.transforms.generalize import Generalize, Hierarchy, build_hierarchy, canonical_string
 
@@ -600,8 +601,8 @@ _HIST_EDGES = (1, 2, 3, 5, 10, 20, 50, 100, 1000, 10000)
 def class_size_histogram(sizes: np.ndarray) -> dict[str, dict[str, int]]:
     """Bucketed class sizes: {"10-19": {"classes": c, "records": r}, ...} (counts only)."""
     out: dict[str, dict[str, int]] = {}
-    edges = list(_HIST_EDGES) + [None]
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    upper: list[int | None] = list(_HIST_EDGES[1:]) + [None]  # the last bucket is open
+    for lo, hi in zip(_HIST_EDGES, upper):
         sel = sizes >= lo if hi is None else (sizes >= lo) & (sizes < hi)
         if not np.any(sel):
             continue

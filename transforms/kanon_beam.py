@@ -16,7 +16,9 @@ search and suppresses the records whose class cannot reach k (or l) by that dead
 from __future__ import annotations
 
 import datetime as _dt
-from typing import Any, Iterable, Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
@@ -102,7 +104,7 @@ class _ApplyPlan(beam.DoFn):
         if out.num_rows:
             yield out
         if suppressed:
-            yield RunStats(counts={"suppressed": suppressed})  # type: ignore[arg-type]
+            yield RunStats(counts=Counter({"suppressed": suppressed}))
 
 
 def _plan(freq: pa.Table | None, spec: KAnonSpec) -> Plan:
@@ -214,8 +216,8 @@ class _EnforceWindow(beam.DoFn):
                           k_achieved=rep["k_achieved"], l_achieved=rep["l_achieved"], target_met=target_met,
                           levels={p: v["name"] for p, v in rep["levels"].items()},
                           prosecutor_risk=rep["prosecutor_risk"], information_loss=rep["information_loss"])
-        counts = {"suppressed": suppressed} if suppressed else {}
-        yield RunStats(counts=counts, extra={"k_anonymity_windows": [record]})  # type: ignore[arg-type]
+        counts = Counter({"suppressed": suppressed} if suppressed else {})
+        yield RunStats(counts=counts, extra={"k_anonymity_windows": [record]})
 
 
 class EnforceKAnonymityStreaming(beam.PTransform):

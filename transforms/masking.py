@@ -18,7 +18,8 @@ counted as `mask.<field>.unparsed`; they are never passed through. Nothing here 
 from __future__ import annotations
 
 import socket
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -111,7 +112,7 @@ class Mask(Action):
             raise self.fail("method 'phone' keeps at most 4 digits; lower 'keep_last'")
 
     @property
-    def requires(self) -> frozenset[str]:  # type: ignore[override]
+    def requires(self) -> frozenset[str]:
         return frozenset({"keys"}) if self.options["method"] == "date_shift" else frozenset()
 
     def linked_fields(self) -> list[str]:

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
-import pyarrow as pa
 import yaml
 
 from cloakbeam.core.policy import CORE_KEYS, POLICY_VERSION, CompiledPolicy, registered_sections

@@ -7,7 +7,7 @@ nothing from Beam and never logs or raises with a value in the message.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import pyarrow as pa
 

@@ -29,7 +29,8 @@ surrogate is never a copy of a Faker-style input value; a surrogate that equals 
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa

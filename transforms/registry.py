@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import importlib
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import pyarrow as pa
 
@@ -32,7 +33,7 @@ BUILTIN_ACTION_MODULES = (
     "cloakbeam.transforms.generalize",
 )
 
-_REGISTRY: dict[str, type["Action"]] = {}
+_REGISTRY: dict[str, type[Action]] = {}
 
 
 @dataclass(frozen=True)

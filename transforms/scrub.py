@@ -23,7 +23,8 @@ presidio cannot process raises with the field and row index only.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -73,7 +74,7 @@ class Scrub(Action):
         self._engine: Any = None
 
     @property
-    def requires(self) -> frozenset[str]:  # type: ignore[override]
+    def requires(self) -> frozenset[str]:
         return frozenset({"keys"}) if self.options["mode"] == "pseudonym" else frozenset()
 
     def linked_fields(self) -> list[str]:
@@ -130,14 +131,14 @@ class Scrub(Action):
                 if text is None or not v:
                     continue
                 for needle, span_type in _needles(v, typ, self.options["name_parts"]):
-                    for s, e in _occurrences(text, lowered[i], needle):
+                    for s, e in _occurrences(text, lowered[i] or "", needle):
                         spans.setdefault(i, []).append((s, e, span_type))
         # Detector candidates on the pre-filtered rows, validated per detector in one vectorized call.
         cand_rows = np.flatnonzero(rows)
         for det in dets:
             d = DETECTORS[det]
             where: list[tuple[int, int, int]] = []
-            for i in cand_rows:
+            for i in cand_rows.tolist():
                 text = texts[i]
                 for s, e in iter_candidates(d, text):
                     where.append((int(i), s, e))

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
@@ -42,7 +43,7 @@ class PolicyRef:
     policy_text: str | None = None
 
     @classmethod
-    def of(cls, policy: Any) -> "PolicyRef":
+    def of(cls, policy: Any) -> PolicyRef:
         text = None
         try:
             with open(policy.source, encoding="utf-8") as fh:
@@ -300,7 +301,7 @@ def _key_metadata(ctx: Any) -> dict[bytes, bytes]:
         used = (lambda: process_wrapped_keys(ref)) if ref is not None else (lambda: [])
     import json
 
-    records = used()
+    records: list[dict] = used()
     return {b"cloakbeam.wrapped_keys": json.dumps(records, sort_keys=True).encode()} if records else {}
 
 

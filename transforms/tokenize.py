@@ -20,7 +20,8 @@ digits) fails the batch with the field name and row index.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa

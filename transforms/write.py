@@ -9,7 +9,8 @@ encryption) come from the policy's `parquet_encryption` section, built in the wo
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq

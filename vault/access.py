@@ -14,7 +14,7 @@ credentials (see docs/token-vault.md).
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 from cloakbeam.errors import AccessDenied
 from cloakbeam.vault.audit import AuditLog
@@ -86,10 +86,11 @@ class VaultAccess:
             self._check("forget", role, purpose, domain, f"bidx:{ref}", 1)
             n = self.vault.forget_value(domain, value)
         else:
-            ref = self.vault.subject_ref(subject)  # type: ignore[arg-type]
+            assert subject is not None  # exactly one of value and subject, checked above
+            ref = self.vault.subject_ref(subject)
             domain = domain or "*"
             self._check("forget", role, purpose, domain, f"subject:{ref}", 1)
-            n = self.vault.forget_subject(subject)  # type: ignore[arg-type]
+            n = self.vault.forget_subject(subject)
             ref = f"subject:{ref}"
         self.audit.append(
             "forget", role=role, purpose=purpose, domain=domain, subject=ref if subject is not None else f"bidx:{ref}",

@@ -27,9 +27,10 @@ import hashlib
 import hmac
 import json
 import os
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from cloakbeam.errors import IntegrityError
 

@@ -9,8 +9,9 @@ itself is `cloakbeam.keys.decrypt`; this module adds the authorization and the a
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq

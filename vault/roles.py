@@ -27,9 +27,10 @@ allowed or refused, with `cloakbeam.vault.audit.AuditLog`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
 
@@ -66,7 +67,7 @@ class RolePolicy:
         self.members = dict(members or {})
 
     @classmethod
-    def load(cls, path: str | Path) -> "RolePolicy":
+    def load(cls, path: str | Path) -> RolePolicy:
         p = Path(path)
         try:
             text = p.read_text(encoding="utf-8")
@@ -79,7 +80,7 @@ class RolePolicy:
         return cls.from_dict(doc, source=str(p))
 
     @classmethod
-    def from_dict(cls, doc: Any, source: str = "<inline>") -> "RolePolicy":
+    def from_dict(cls, doc: Any, source: str = "<inline>") -> RolePolicy:
         where = f"role policy {source}"
         if not isinstance(doc, dict):
             raise ConfigError(f"{where} must be a YAML mapping with a 'roles' section")

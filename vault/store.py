@@ -30,10 +30,11 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -67,7 +68,7 @@ class Domain:
         }
 
     @staticmethod
-    def from_config(name: str, cfg: Mapping[str, Any]) -> "Domain":
+    def from_config(name: str, cfg: Mapping[str, Any]) -> Domain:
         fmt = TokenFormat(kind=cfg["kind"], prefix=cfg.get("prefix") or "tok_", keep_last=int(cfg["keep_last"]), luhn=bool(cfg["luhn"]))
         return Domain(name, fmt, cfg["normalize"])
 
@@ -103,6 +104,34 @@ class _Backend:
         raise NotImplementedError
 
     def close(self) -> None:
+        raise NotImplementedError
+
+    # -- statements each backend implements (SQLite and PostgreSQL differ in more than the placeholder) -----
+    def domain_config(self, domain: str) -> str | None:
+        raise NotImplementedError
+
+    def insert_domain(self, domain: str, normalize_: str, fmt: str, now: int) -> None:
+        raise NotImplementedError
+
+    def tokens_by_bidx(self, domain: str, bidxs: Sequence[bytes]) -> dict[bytes, str]:
+        raise NotImplementedError
+
+    def insert_keys(self, rows: Sequence[tuple[bytes, bytes, int]]) -> int:
+        raise NotImplementedError
+
+    def get_keys(self, key_ids: Sequence[bytes]) -> dict[bytes, bytes]:
+        raise NotImplementedError
+
+    def insert_entries(self, domain: str, rows: Sequence[tuple[str, bytes, bytes | None, int, bytes]], now: int, expires: int | None) -> int:
+        raise NotImplementedError
+
+    def entries_by_token(self, domain: str, tokens: Sequence[str]) -> dict[str, Entry]:
+        raise NotImplementedError
+
+    def key_of_bidx(self, domain: str, bidx: bytes) -> bytes | None:
+        raise NotImplementedError
+
+    def after_shred(self) -> None:
         raise NotImplementedError
 
     def shred(self, key_id: bytes, now: int, domain: str | None = None) -> int:
@@ -586,7 +615,7 @@ class Vault:
         expires = now + domain.ttl_seconds if domain.ttl_seconds else None
         # Data keys: one per subject (when given) or per entry; random, wrapped under the KEK, idempotent insert.
         kids = [
-            self._subject_key_id(subj[i]) if subj is not None and subj[i] else self._entry_key_id(name, bidx[i]) for i in new
+            self._subject_key_id(s) if (s := (subj[i] if subj is not None else None)) else self._entry_key_id(name, bidx[i]) for i in new
         ]
         uniq = sorted(set(kids))
         raw = os.urandom(32 * len(uniq))

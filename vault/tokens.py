@@ -17,8 +17,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +33,7 @@ _NP_UNDOUBLE = np.argsort(_NP_DOUBLE)  # digit whose doubled Luhn contribution i
 _DOUBLE = [0, 2, 4, 6, 8, 1, 3, 5, 7, 9]
 
 
-def normalize(values: "Sequence[str] | pa.Array", how: str) -> list[str]:
+def normalize(values: Sequence[str] | pa.Array, how: str) -> list[str]:
     """Normalize values before the PRF: none | trim (strip whitespace) | lower (trim + lower-case) | digits
     (ASCII digits only). Vectorized with Arrow compute; the tokenize action and forget/lookup by value both
     call this, so a value is always normalized the same way."""
@@ -111,7 +111,7 @@ class TokenFormat:
         return "".join(map(str, digits))
 
 
-def _render_digits(fmt: "TokenFormat", macs: Sequence[bytes], values: Sequence[str]) -> list[str]:
+def _render_digits(fmt: TokenFormat, macs: Sequence[bytes], values: Sequence[str]) -> list[str]:
     """`fmt.render` for many digit tokens at once: the Luhn digit is solved with numpy per token length.
     Same output as `render` (tested); the per-value part is one big-int modulo and one string concat."""
     keep = fmt.keep_last

@@ -6,15 +6,14 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from cloakbeam.errors import ClassificationError, PolicyError
-from cloakbeam.transforms.policy import compile_policy, load_policy
 from cloakbeam.core.stats import RunStats
+from cloakbeam.errors import ClassificationError, PolicyError
 from cloakbeam.schemas.avro import schema_from_dict
 from cloakbeam.tests.classify_fixtures import make_ctx
+from cloakbeam.tests.paths import POLICY
 from cloakbeam.transforms.classify import name_hint
+from cloakbeam.transforms.policy import compile_policy, load_policy
 from cloakbeam.transforms.protect import protect_batch
-
-from .conftest import POLICY
 
 SCHEMA = schema_from_dict(
     {

@@ -6,11 +6,9 @@ import pytest
 import yaml
 
 from cloakbeam.errors import PolicyError
-from cloakbeam.transforms.policy import compile_policy, load_policy
 from cloakbeam.schemas.avro import schema_from_dict
-from cloakbeam.tests.test_ingest import NESTED
-
-from .conftest import POLICY, SCHEMA
+from cloakbeam.tests.paths import NESTED, POLICY, SCHEMA
+from cloakbeam.transforms.policy import compile_policy, load_policy
 
 
 def _compile(fields, schema=None, **extra):

@@ -8,13 +8,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from cloakbeam.core.config import RuntimeConfig
 from cloakbeam.errors import PolicyError
 from cloakbeam.keys import service as svc
 from cloakbeam.keys.parquet_encryption import reader_kwargs
-from cloakbeam.core.config import RuntimeConfig
+from cloakbeam.tests.keys_fixtures import all_key_bytes, dev_keyring
 from cloakbeam.transforms.policy import compile_policy
 from cloakbeam.transforms.registry import ActionContext
-from cloakbeam.tests.keys_fixtures import all_key_bytes, dev_keyring
 
 
 def _policy(schema, section):
@@ -101,8 +101,8 @@ def test_report(customers_schema):
 def test_pipeline_with_parquet_encryption_and_cell_encryption(tmp_path, monkeypatch):
     import yaml
 
-    from cloakbeam.keys.signing import verify_output
     from cloakbeam.cli.main import main
+    from cloakbeam.keys.signing import verify_output
     from cloakbeam.pipeline.graph import RunSettings, run_pipeline
     from cloakbeam.schemas.generate import generate
     from cloakbeam.tests.conftest import SCHEMA

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cloakbeam.keys.service import KeyRef, ensure_local_keyring, open_key_service
 from cloakbeam.cli.main import main
+from cloakbeam.keys.service import KeyRef, ensure_local_keyring, open_key_service
 from cloakbeam.tests.vault_fixtures import pg_dsn, pg_ref  # noqa: F401
 from cloakbeam.vault import Domain, TokenFormat, open_vault
-from cloakbeam.vault.audit import AuditLog, audit_key
+from cloakbeam.vault.audit import AuditLog
 
 ROLES = """
 version: 1

@@ -10,9 +10,8 @@ import pytest
 import yaml
 
 from cloakbeam.cli.main import main
+from cloakbeam.tests.paths import SCHEMA
 from cloakbeam.transforms.policy import load_policy
-
-from .conftest import SCHEMA
 
 
 def _declared(customers_schema):

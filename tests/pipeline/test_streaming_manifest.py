@@ -9,12 +9,12 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloakbeam.pipeline.manifest import build_manifest
-from cloakbeam.transforms.policy import load_policy
 from cloakbeam.core.stats import FileStat, RunStats
+from cloakbeam.pipeline.manifest import build_manifest
 from cloakbeam.pipeline.streaming import stats_from_window_manifests, window_label
 from cloakbeam.schemas.avro import load_schema
 from cloakbeam.tests.runners_fixtures import POLICY, SCHEMA
+from cloakbeam.transforms.policy import load_policy
 
 _POLICY = load_policy(str(POLICY), load_schema(str(SCHEMA)))
 _T = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
-import base64
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cloakbeam.vault.tokens import TokenFormat, Tokenizer, luhn_valid, normalize
 

@@ -11,18 +11,16 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from cloakbeam.errors import ReconciliationError
 from cloakbeam.core.config import RuntimeConfig
+from cloakbeam.core.stats import FileStat, RunStats
+from cloakbeam.errors import ReconciliationError
+from cloakbeam.keys.service import KeyRef
 from cloakbeam.pipeline.graph import RunSettings, run_pipeline
 from cloakbeam.pipeline.manifest import build_manifest, check_reconciled
-from cloakbeam.transforms.policy import compile_policy
-from cloakbeam.core.stats import FileStat, RunStats
-from cloakbeam.keys.service import KeyRef
 from cloakbeam.schemas.avro import schema_from_dict
-from cloakbeam.tests.test_ingest import NESTED
+from cloakbeam.tests.paths import NESTED, POLICY, SCHEMA
+from cloakbeam.transforms.policy import compile_policy
 from cloakbeam.transforms.steps import ProtectRecords
-
-from .conftest import POLICY, SCHEMA
 
 
 def _runtime(tmp_path) -> RuntimeConfig:
@@ -90,8 +88,9 @@ def test_quarantine_never_holds_raw_values(tmp_path):
 
 
 def test_unreconciled_counts_fail_loudly(customers_schema):
-    from cloakbeam.transforms.policy import load_policy
     import datetime as dt
+
+    from cloakbeam.transforms.policy import load_policy
 
     policy = load_policy(POLICY, customers_schema)
     stats = RunStats()

@@ -12,13 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cloakbeam.errors import AccessDenied, IntegrityError, KeyAccessError
-from cloakbeam.keys.decrypt import encrypted_columns, rewrap_output
-from cloakbeam.vault.reveal import decrypt_output
+from cloakbeam.cli.main import main
+from cloakbeam.errors import AccessDenied, IntegrityError
+from cloakbeam.keys.decrypt import encrypted_columns
 from cloakbeam.keys.service import KeyRef, collect_wrapped_keys, open_key_service
 from cloakbeam.keys.signing import verify_output
-from cloakbeam.cli.main import main
 from cloakbeam.tests.conftest import POLICY, SCHEMA
+from cloakbeam.vault.reveal import decrypt_output
 
 ROLES = """
 version: 1

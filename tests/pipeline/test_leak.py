@@ -12,8 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cloakbeam.pipeline.graph import RunSettings, run_pipeline
-
-from .conftest import POLICY, SCHEMA
+from cloakbeam.tests.paths import POLICY, SCHEMA
 
 LEAK_FIELDS = ("full_name", "email", "phone", "ssn", "card_number", "customer_id", "ip_address")
 pytestmark = pytest.mark.slow

@@ -10,11 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from cloakbeam.core.config import RuntimeConfig
 from cloakbeam.errors import PolicyError
 from cloakbeam.keys.service import KeyRef, ensure_local_keyring
-from cloakbeam.core.config import RuntimeConfig
-from cloakbeam.transforms.policy import compile_policy
 from cloakbeam.schemas.avro import schema_from_dict
+from cloakbeam.transforms.policy import compile_policy
 from cloakbeam.transforms.protect import protect_batch
 from cloakbeam.transforms.registry import ActionContext
 from cloakbeam.vault.tokens import luhn_valid
@@ -151,7 +151,8 @@ def test_missing_subject_field_fails(schema: Any, runtime: RuntimeConfig) -> Non
 def test_reference_pipeline_tokenizes_and_detokenizes(tmp_path: Path, reference_inputs: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
     from cloakbeam.cli.main import main
     from cloakbeam.pipeline.graph import RunSettings, run_pipeline
-    from cloakbeam.tests.conftest import POLICY, SCHEMA as REF_SCHEMA
+    from cloakbeam.tests.conftest import POLICY
+    from cloakbeam.tests.conftest import SCHEMA as REF_SCHEMA
 
     state = tmp_path / "state"
     src = reference_inputs["parquet"]["path"]
@@ -166,8 +167,8 @@ def test_reference_pipeline_tokenizes_and_detokenizes(tmp_path: Path, reference_
     assert all(e.startswith("tok_") for e in emails if e)
     assert not set(raw.column("email").to_pylist()) & set(emails)
     # A second run over the same input adds no vault rows and gives identical tokens.
-    from cloakbeam.keys.service import open_key_service
     from cloakbeam.core.config import key_ref_from
+    from cloakbeam.keys.service import open_key_service
     from cloakbeam.vault import open_vault
 
     vault = open_vault({"backend": "sqlite", "path": str(state / "vault.sqlite")}, open_key_service(key_ref_from({}, state)))
@@ -197,7 +198,8 @@ def test_unreachable_vault_fails_at_construction(tmp_path: Path, reference_input
                                                  vault_cfg: str, env: str | None, fragment: str) -> None:
     from cloakbeam.errors import ConfigError
     from cloakbeam.pipeline.graph import RunSettings, run_pipeline
-    from cloakbeam.tests.conftest import POLICY, SCHEMA as REF_SCHEMA
+    from cloakbeam.tests.conftest import POLICY
+    from cloakbeam.tests.conftest import SCHEMA as REF_SCHEMA
 
     if env:
         monkeypatch.setenv("CB_TEST_BAD_DSN", env)
@@ -218,7 +220,8 @@ def test_multi_process_pipeline_writes_one_row_per_value(tmp_path: Path, referen
     import sqlite3
 
     from cloakbeam.pipeline.graph import RunSettings, run_pipeline
-    from cloakbeam.tests.conftest import POLICY, SCHEMA as REF_SCHEMA
+    from cloakbeam.tests.conftest import POLICY
+    from cloakbeam.tests.conftest import SCHEMA as REF_SCHEMA
 
     multi, single = tmp_path / "multi", tmp_path / "single"
     multi.mkdir()

@@ -135,8 +135,8 @@ class _FinishBundle(beam.DoFn):
         yield x
 
     def finish_bundle(self):
-        from apache_beam.utils.windowed_value import WindowedValue
         from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.windowed_value import WindowedValue
 
         yield WindowedValue(-1, 0, [GlobalWindow()])
 

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pytest
 
 from cloakbeam.errors import PolicyError
-from cloakbeam.transforms.policy import compile_policy
 from cloakbeam.tests.kanon_fixtures import people_policy, people_schema
+from cloakbeam.transforms.policy import compile_policy
 
 AUTO = {"action": "generalize", "level": "auto"}
 BASE = {

@@ -15,15 +15,14 @@ import yaml
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that
 
-from cloakbeam.keys.service import KeyRef, ensure_local_keyring
 from cloakbeam.core.config import RuntimeConfig
-from cloakbeam.pipeline.graph import RunSettings, run_pipeline
-from cloakbeam.transforms.policy import load_policy
 from cloakbeam.core.stats import RunStats
+from cloakbeam.keys.service import KeyRef, ensure_local_keyring
+from cloakbeam.pipeline.graph import RunSettings, run_pipeline
 from cloakbeam.schemas.avro import load_schema
+from cloakbeam.tests.paths import POLICY, SCHEMA
+from cloakbeam.transforms.policy import load_policy
 from cloakbeam.transforms.steps import ProtectRecords, ReadRecords
-
-from .conftest import POLICY, SCHEMA
 
 QIS = ["date_of_birth", "zip", "gender"]
 

@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloakbeam.errors import PolicyError
-from cloakbeam.transforms.policy import compile_policy
 from cloakbeam.tests.kanon_fixtures import people_batch, people_schema, protect
 from cloakbeam.transforms.generalize import (
     Hierarchy,
@@ -23,6 +22,7 @@ from cloakbeam.transforms.generalize import (
     prefix,
     suppress,
 )
+from cloakbeam.transforms.policy import compile_policy
 
 DATES = pa.array([dt.date(1985, 3, 12), None, dt.date(2000, 12, 31), dt.date(1969, 1, 1)], pa.date32())
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import apache_beam as beam
 import pytest
 
+from cloakbeam.core.config import RuntimeConfig
 from cloakbeam.errors import ConfigError
 from cloakbeam.keys.service import KeyRef
-from cloakbeam.core.config import RuntimeConfig
 from cloakbeam.runners import RUNNERS, check_runner_compatibility, make_runner
 from cloakbeam.tests.runners_fixtures import POLICY, REPO, SCHEMA, make_inputs
 

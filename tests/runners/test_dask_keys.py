@@ -4,16 +4,13 @@ output verifies, decrypts for an authorized role, and its quarantine opens."""
 
 from __future__ import annotations
 
-import json
-
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from cloakbeam.keys import service as svc
-from cloakbeam.vault.reveal import decrypt_output
 from cloakbeam.keys.quarantine import read_quarantine
 from cloakbeam.keys.signing import verify_output
+from cloakbeam.vault.reveal import decrypt_output
 from cloakbeam.vault.roles import RolePolicy
 
 

@@ -151,10 +151,12 @@ def test_forced_collision_is_resolved_and_both_values_reverse(backend: Any, keyr
 def test_collision_inside_one_batch(backend: Any, keyring: Any) -> None:
     _, ref, _ = backend
     short = Domain("pin2", TokenFormat("digits"), "digits")
-    vals = [f"{i:02d}" for i in range(100)]  # 100 values into 100 two-digit tokens: every collision resolved
+    # 90 values into 100 two-digit tokens: heavy collisions, every one resolved. (100 into 100 is not always
+    # solvable: a token never equals its own value, so the last free token can be the last value itself.)
+    vals = [f"{i:02d}" for i in range(90)]
     vault = _open(ref, keyring)
     toks = vault.tokenize(short, vals)
-    assert len(set(toks)) == 100 and all(t != v for t, v in zip(toks, vals))
+    assert len(set(toks)) == 90 and all(t != v for t, v in zip(toks, vals))
     assert [v for _, v in vault.reveal("pin2", toks)] == vals
 
 
@@ -200,12 +202,11 @@ def test_tampered_row_is_detected(backend: Any, keyring: Any) -> None:
     name, ref, dsn = backend
     vault = _open(ref, keyring)
     t1, t2 = vault.tokenize(EMAIL, ["one@x.org", "two@x.org"])
-    # Swap the two ciphertexts: each row now holds the other value's ciphertext.
+    # Move the second ciphertext into the first row: that row now holds another value's ciphertext.
     sql_get = "SELECT ciphertext FROM cloakbeam_vault_entries WHERE token = {p}"
     sql_set = "UPDATE cloakbeam_vault_entries SET ciphertext = {p} WHERE token = {p}"
     if name == "sqlite":
         con = sqlite3.connect(ref["path"], isolation_level=None)
-        c1 = con.execute(sql_get.format(p="?"), (t1,)).fetchone()[0]
         c2 = con.execute(sql_get.format(p="?"), (t2,)).fetchone()[0]
         con.execute(sql_set.format(p="?"), (c2, t1))
         con.close()
@@ -253,7 +254,8 @@ def test_no_plaintext_at_rest(backend: Any, keyring: Any, tmp_path: Path) -> Non
     assert b"@example.org" not in blobs
 
 
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -11,7 +11,7 @@ import pytest
 
 from cloakbeam.cli.main import main
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_generate_is_reproducible_by_seed(tmp_path, capsys):

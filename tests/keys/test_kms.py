@@ -13,7 +13,7 @@ import pytest
 from cloakbeam.errors import KeyAccessError
 from cloakbeam.keys import service as svc
 from cloakbeam.keys.cells import decrypt_column, encrypt_column
-from cloakbeam.keys.service import KeyRef, init_keyring, open_key_service
+from cloakbeam.keys.service import init_keyring, open_key_service
 from cloakbeam.tests.keys_fixtures import FakeGcpKms, FakeVaultTransit, free_port
 
 GCP_KEY = "projects/p1/locations/global/keyRings/cloakbeam/cryptoKeys/kek"
@@ -33,7 +33,6 @@ def moto_url():
 @pytest.fixture(params=["aws-kms", "vault-transit", "gcp-kms"])
 def kms_ref(request, tmp_path, monkeypatch):
     provider = request.param
-    counter = None
     if provider == "aws-kms":
         url = request.getfixturevalue("moto_url")
         for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing"}.items():

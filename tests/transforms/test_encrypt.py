@@ -7,15 +7,15 @@ import pickle
 import pyarrow as pa
 import pytest
 
+from cloakbeam.core.config import RuntimeConfig
 from cloakbeam.errors import PolicyError
 from cloakbeam.keys import keyring as kr
 from cloakbeam.keys.cells import decrypt_column
 from cloakbeam.keys.service import open_key_service
-from cloakbeam.core.config import RuntimeConfig
+from cloakbeam.tests.keys_fixtures import all_key_bytes, dev_keyring
 from cloakbeam.transforms.policy import compile_policy
 from cloakbeam.transforms.protect import protect_batch
 from cloakbeam.transforms.registry import ActionContext, get_action
-from cloakbeam.tests.keys_fixtures import all_key_bytes, dev_keyring
 
 
 def _policy(schema, **fields):
@@ -119,10 +119,10 @@ def test_pickled_action_dofn_and_runtime_hold_no_key_bytes(customers_schema, run
 def test_wrapped_keys_reach_the_manifest_when_protect_and_write_run_in_different_processes(customers_schema, runtime, tmp_path):
     import json
 
-    from cloakbeam.keys import service as svc
-    from cloakbeam.vault.reveal import decrypt_output
     from cloakbeam.core.stats import RunStats
+    from cloakbeam.keys import service as svc
     from cloakbeam.transforms.steps import PolicyRef, _ProtectFn, _WriteFn
+    from cloakbeam.vault.reveal import decrypt_output
     from cloakbeam.vault.roles import RolePolicy
 
     pol = _policy(customers_schema, ssn="encrypt")

@@ -13,25 +13,8 @@ import pytest
 
 from cloakbeam.schemas.avro import schema_from_dict
 from cloakbeam.schemas.generate import DIRTY_KINDS, generate
+from cloakbeam.tests.paths import NESTED
 from cloakbeam.transforms.ingest import Rejected, detect_format, read_source
-
-NESTED = {
-    "type": "record",
-    "name": "Patient",
-    "fields": [
-        {"name": "id", "type": "string"},
-        {"name": "age", "type": ["null", "int"], "default": None},
-        {
-            "name": "contact",
-            "type": ["null", {"type": "record", "name": "Contact", "fields": [
-                {"name": "email", "type": "string", "cloakbeam.class": "EMAIL", "cloakbeam.maxLength": 50},
-                {"name": "city", "type": ["null", "string"], "default": None},
-            ]}],
-            "default": None,
-        },
-        {"name": "visited", "type": {"type": "int", "logicalType": "date"}},
-    ],
-}
 
 
 def _read(data: bytes, fmt: str, schema, batch_size: int = 1000):
@@ -66,7 +49,7 @@ def test_every_format_reconciles_and_quarantines_each_corruption_kind(fmt, refer
 
 
 def test_clean_jsonl_keeps_every_record_value(customers_schema, tmp_path):
-    from cloakbeam.schemas.generate import generate_table, _pools
+    from cloakbeam.schemas.generate import _pools, generate_table
 
     table = generate_table(50, 3, 0, _pools(3))
     path = generate(tmp_path / "c.jsonl", 50, seed=3, fmt="jsonl")["path"]
