@@ -4,7 +4,8 @@ Python API:
 - `decrypt_table(table, key_service, records, columns=...)`: the mechanism only. It checks no role and writes
   no audit entry; the authorized, audited reveal path is `cloakbeam.vault.reveal.decrypt_output`.
 - `rewrap_output(dir, key_service)`: re-wrap every DEK recorded in the output's Parquet metadata and manifest
-  under the newest KEK version; cells are not re-encrypted (the Parquet footers are rewritten, the manifest's
+  under the newest KEK version (sealed DEKs: reseal their batch key to the newest reveal key version, which needs
+  the reveal keyring attached to the key service); cells are not re-encrypted (the Parquet footers are rewritten, the manifest's
   file hashes updated and the manifest re-signed).
 
 Errors name file, column and row index, never a value.
@@ -215,7 +216,12 @@ def rewrap_output(out_dir: str | Path, key_service: Any) -> dict[str, int]:
         raise ConfigError(f"{d} records no wrapped data keys; nothing to rewrap")
     newest = {}
     rewrapped: dict[str, dict[str, Any]] = {}
+    from cloakbeam.keys.sealing import is_sealed
+
     for r in records:
+        if is_sealed(r):  # resealed to the newest reveal key version (needs the reveal keyring)
+            rewrapped[r["key_id"]] = key_service.rewrap_record(r)
+            continue
         kek = r["kek"]
         if kek not in newest:
             newest[kek] = key_service.newest_kek_version(kek)

@@ -70,7 +70,12 @@ def rewrap_sealed(blob: bytes, key_service: Any) -> bytes:
     n = int.from_bytes(blob[:4], "big")
     record = json.loads(blob[4 : 4 + n])
     cell = blob[4 + n :]
-    if str(record.get("kek_version")) == str(key_service.newest_kek_version(record["kek"])):
+    from cloakbeam.keys.sealing import is_sealed
+
+    if not is_sealed(record) and str(record.get("kek_version")) == str(key_service.newest_kek_version(record["kek"])):
         return blob
-    new = json.dumps(key_service.rewrap_record(record), sort_keys=True, separators=(",", ":")).encode()
+    rewrapped = key_service.rewrap_record(record)
+    if rewrapped is record:
+        return blob
+    new = json.dumps(rewrapped, sort_keys=True, separators=(",", ":")).encode()
     return len(new).to_bytes(4, "big") + new + cell
