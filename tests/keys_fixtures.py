@@ -11,12 +11,39 @@ logging.getLogger("cloakbeam.keys").setLevel(logging.ERROR)
 
 
 def dev_keyring(tmp_path: Path, name: str = "keyring.json", **params: str) -> KeyRef:
-    """An unprotected dev keyring (fast); extra KeyRef params such as dek_max_uses."""
-    ref = init_keyring(tmp_path / name, protection="dev")
+    """An unprotected dev keyring pair (fast): the pipeline keyring, and beside it the reveal keyring it seals
+    to (`dev_reveal_keyring_path`); extra KeyRef params such as dek_max_uses."""
+    from cloakbeam.keys.sealing import init_reveal_keyring, read_reveal_public_keys
+    from cloakbeam.keys.service import dev_reveal_keyring_path
+
+    reveal = dev_reveal_keyring_path(tmp_path / name)
+    init_reveal_keyring(reveal, protection="dev")
+    ref = init_keyring(tmp_path / name, protection="dev", reveal_public_keys=read_reveal_public_keys(str(reveal)))
     return KeyRef(provider="local", path=ref.path, params=tuple(sorted(params.items())))
 
 
+def reveal_ref(ref: KeyRef) -> KeyRef:
+    """The reveal keyring of a dev keyring pair."""
+    from cloakbeam.keys.service import dev_reveal_keyring_path
+
+    return KeyRef(provider="local", path=str(dev_reveal_keyring_path(ref.path or "")))
+
+
+def with_reveal(ks: KeyService) -> KeyService:
+    """Attach the dev pair's reveal keyring: the reveal service's view (can open sealed keys)."""
+    from cloakbeam.keys.sealing import open_reveal_keys
+
+    ks.attach_reveal(open_reveal_keys(reveal_ref(ks.ref)))
+    return ks
+
+
 def open_dev(tmp_path: Path, **params: str) -> KeyService:
+    """A dev key service with its reveal keyring attached (round trips in one process)."""
+    return with_reveal(open_key_service(dev_keyring(tmp_path, **params)))
+
+
+def open_pipeline_dev(tmp_path: Path, **params: str) -> KeyService:
+    """A dev key service as the pipeline holds it: no reveal keyring."""
     return open_key_service(dev_keyring(tmp_path, **params))
 
 

@@ -21,8 +21,8 @@ API (the keys layer reuses exactly this for `cloakbeam decrypt`):
 
 from __future__ import annotations
 
+import base64
 import fcntl
-import getpass
 import hashlib
 import hmac
 import json
@@ -49,10 +49,9 @@ def _canonical(entry: dict[str, Any]) -> bytes:
 
 
 def _actor() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # no passwd entry in some containers
-        return str(os.getuid())
+    from cloakbeam.vault.roles import _current_user
+
+    return _current_user()
 
 
 class AuditLog:
@@ -63,6 +62,7 @@ class AuditLog:
         self.head_path = self.path.with_name(self.path.name + ".head")
         self._key = key
         self.alg = "hmac-sha256" if key else "sha256"
+        self.on_append: Any = None
 
     def __repr__(self) -> str:
         return f"AuditLog({str(self.path)!r}, alg={self.alg!r})"
@@ -102,8 +102,10 @@ class AuditLog:
         subject: str | None = None,
         count: int = 1,
         detail: str = "",
+        actor: str | None = None,
     ) -> dict[str, Any]:
-        """Append one entry and return it. `subject` must be a token, keyed hash or subject id, never a value."""
+        """Append one entry and return it. `subject` must be a token, keyed hash or subject id, never a value.
+        `actor` is the verified identity (the reveal service passes the token's subject); None = the OS account."""
         if outcome not in OUTCOMES:
             raise ValueError(f"audit outcome must be one of {', '.join(sorted(OUTCOMES))}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +133,7 @@ class AuditLog:
                     "outcome": outcome,
                     "count": int(count),
                     "detail": str(detail),
-                    "actor": _actor(),
+                    "actor": _actor() if actor is None else str(actor),
                     "prev": prev,
                     "alg": self.alg,
                 }
@@ -143,6 +145,8 @@ class AuditLog:
                 tmp = self.head_path.with_name(self.head_path.name + f".{os.getpid()}.tmp")
                 tmp.write_text(json.dumps({"seq": seq, "mac": entry["mac"]}))
                 os.replace(tmp, self.head_path)
+                if self.on_append is not None:  # e.g. a signed checkpoint, still under the lock
+                    self.on_append(entry)
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
         return entry
@@ -158,11 +162,16 @@ class AuditLog:
 
     def verify(self) -> int:
         """Check the whole chain; return the entry count or raise IntegrityError naming the bad entry number."""
+        return len(self.verify_macs())
+
+    def verify_macs(self) -> list[str]:
+        """Check the whole chain; return every entry's MAC in order (IntegrityError naming the bad entry)."""
         if not self.path.exists():
             if self.head_path.exists():
                 raise IntegrityError(f"audit log {self.path} is missing but its head file says entries were written")
-            return 0
+            return []
         prev, n, last_mac = GENESIS, 0, None
+        macs: list[str] = []
         with open(self.path, "rb") as fh:
             for lineno, line in enumerate(fh, start=1):
                 if not line.strip():
@@ -187,6 +196,7 @@ class AuditLog:
                 if not hmac.compare_digest(str(entry["mac"]), self._mac(entry)):
                     raise IntegrityError(f"audit log {self.path}: entry {lineno} was edited (its MAC does not match)")
                 prev = last_mac = entry["mac"]
+                macs.append(entry["mac"])
                 n = lineno
         if self.head_path.exists():
             try:
@@ -199,4 +209,166 @@ class AuditLog:
                 )
         elif n:
             raise IntegrityError(f"audit log {self.path}: head file {self.head_path} is missing")
-        return n
+        return macs
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Anchored audit: a MAC key only the reveal service holds, and signed checkpoints in a separate sink.
+# --------------------------------------------------------------------------------------------------------------
+
+_CHECKPOINT_CONTEXT = b"cloakbeam-audit-checkpoint/v1\x00"
+
+
+def _checkpoint_message(doc: dict[str, Any]) -> bytes:
+    return _CHECKPOINT_CONTEXT + json.dumps({k: doc[k] for k in ("log", "seq", "head", "ts")}, sort_keys=True, separators=(",", ":")).encode()
+
+
+class FileCheckpointSink:
+    """Signed checkpoints as JSON lines in a file that must live outside the service's state directory (ship it
+    to WORM storage: S3 Object Lock, a retention-locked bucket, `chattr +a`)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"FileCheckpointSink({str(self.path)!r})"
+
+    def write(self, doc: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "ab") as fh:
+            fh.write(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode() + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read(self) -> list[dict[str, Any]] | None:
+        """Every checkpoint in order, or None when the sink does not exist."""
+        if not self.path.exists():
+            return None
+        out = []
+        for i, line in enumerate(self.path.read_bytes().splitlines(), start=1):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                raise IntegrityError(f"checkpoint {i} in {self.path} is not valid JSON") from None
+        return out
+
+
+class PostgresCheckpointSink:
+    """Signed checkpoints in a PostgreSQL table (`cloakbeam_audit_checkpoints`), e.g. on a database the service
+    may only INSERT into. The DSN is read from the named environment variable."""
+
+    def __init__(self, dsn_env: str, table: str = "cloakbeam_audit_checkpoints") -> None:
+        import re
+
+        if not re.match(r"^[a-z_][a-z0-9_]{0,62}$", table):
+            raise ValueError("checkpoint table name must be a lower-case SQL identifier")
+        self.dsn_env = dsn_env
+        self.table = table
+        self._conn: Any = None
+
+    def __repr__(self) -> str:
+        return f"PostgresCheckpointSink(dsn_env={self.dsn_env!r})"
+
+    def _connect(self) -> Any:
+        if self._conn is None:
+            import psycopg
+
+            from cloakbeam.errors import ConfigError
+
+            dsn = os.environ.get(self.dsn_env)
+            if not dsn:
+                raise ConfigError(f"the audit checkpoint DSN is read from environment variable {self.dsn_env}, which is not set")
+            try:
+                self._conn = psycopg.connect(dsn, autocommit=True, application_name="cloakbeam-audit")
+            except psycopg.Error:
+                raise ConfigError(f"cannot connect to the checkpoint database named by {self.dsn_env}") from None
+            self._conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {self.table} (log TEXT NOT NULL, seq BIGINT NOT NULL, head TEXT NOT NULL, ts TEXT NOT NULL,"
+                " sig TEXT NOT NULL, PRIMARY KEY (log, seq))"
+            )
+        return self._conn
+
+    def write(self, doc: dict[str, Any]) -> None:
+        self._connect().execute(
+            f"INSERT INTO {self.table} (log, seq, head, ts, sig) VALUES (%s, %s, %s, %s, %s)", (doc["log"], doc["seq"], doc["head"], doc["ts"], doc["sig"])
+        )
+
+    def read(self) -> list[dict[str, Any]] | None:
+        rows = self._connect().execute(f"SELECT log, seq, head, ts, sig FROM {self.table} ORDER BY log, seq").fetchall()
+        if not rows:
+            return None
+        return [{"log": r[0], "seq": int(r[1]), "head": r[2], "ts": r[3], "sig": r[4]} for r in rows]
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+class AnchoredAudit:
+    """The reveal service's audit trail: an AuditLog MAC'd with a key only the service holds, plus a signed
+    checkpoint (log id, entry count, head MAC, time; Ed25519) written to a separate sink after every entry.
+
+    `verify()` fails when the log or the checkpoints are missing, truncated, rewritten or out of step: every
+    checkpoint must verify under the checkpoint public key and name the MAC of the log entry at its count, and the
+    log may run at most one entry past the last checkpoint (a crash between the two writes).
+    """
+
+    def __init__(self, log: AuditLog, sink: Any, signing_key: Any, public_key: bytes, log_id: str) -> None:
+        self.log = log
+        self.sink = sink
+        self._signing_key = signing_key
+        self.public_key = public_key
+        self.log_id = log_id
+        log.on_append = self._checkpoint
+
+    def __repr__(self) -> str:
+        return f"AnchoredAudit({self.log!r}, {self.sink!r})"
+
+    def _checkpoint(self, entry: dict[str, Any]) -> None:
+        doc = {"log": self.log_id, "seq": int(entry["seq"]), "head": entry["mac"], "ts": entry["ts"]}
+        doc["sig"] = base64.b64encode(self._signing_key.sign(_checkpoint_message(doc))).decode()
+        self.sink.write(doc)
+
+    def append(self, event: str, **kw: Any) -> dict[str, Any]:
+        return self.log.append(event, **kw)
+
+    def verify(self) -> dict[str, Any]:
+        """{"entries": n, "checkpoints": m, "checkpointed": seq} or IntegrityError naming the problem."""
+        return verify_anchored(self.log, self.sink, self.public_key, self.log_id)
+
+
+def verify_anchored(log: AuditLog, sink: Any, public_key: bytes, log_id: str) -> dict[str, Any]:
+    from cloakbeam.keys.sealing import verify_checkpoint_signature
+
+    macs = log.verify_macs()  # chain and MACs (needs the service's MAC key)
+    cps = sink.read()
+    if cps is None:
+        if macs:
+            raise IntegrityError(f"the audit checkpoint sink {sink!r} is missing or empty but the log holds {len(macs)} entries")
+        if log.head_path.exists():
+            raise IntegrityError(f"the audit log {log.path} and its checkpoints are missing, but its head file says entries were written")
+        return {"entries": 0, "checkpoints": 0, "checkpointed": 0}
+    cps = [c for c in cps if c.get("log") == log_id]
+    last = 0
+    for i, c in enumerate(cps, start=1):
+        try:
+            ok = verify_checkpoint_signature(public_key, _checkpoint_message(c), base64.b64decode(c["sig"]))
+            seq = int(c["seq"])
+        except Exception:
+            ok, seq = False, -1
+        if not ok:
+            raise IntegrityError(f"audit checkpoint {i} is not signed by the checkpoint key (forged or altered)")
+        if seq <= last:
+            raise IntegrityError(f"audit checkpoint {i} goes back to entry {seq} after entry {last} (checkpoints reordered or replayed)")
+        if seq > len(macs):
+            raise IntegrityError(f"audit checkpoint {i} records {seq} entries but the log holds {len(macs)} (log truncated or deleted)")
+        if macs[seq - 1] != c["head"]:
+            raise IntegrityError(f"audit log entry {seq} does not match its signed checkpoint (log rewritten)")
+        last = seq
+    if not cps and macs:
+        raise IntegrityError(f"the audit log holds {len(macs)} entries but no checkpoint names this log")
+    if len(macs) - last > 1:
+        raise IntegrityError(f"the audit log holds {len(macs) - last} entries after the last signed checkpoint (checkpoints truncated or entries added)")
+    return {"entries": len(macs), "checkpoints": len(cps), "checkpointed": last}
