@@ -2,7 +2,7 @@
 
 Python API:
 - `decrypt_table(table, key_service, records, columns=...)`: the mechanism only. It checks no role and writes
-  no audit entry; the authorized, audited reveal path is `cloakbeam.vault.reveal.decrypt_output`.
+  no audit entry; the authorized, audited reveal path is the reveal service (`cloakbeam.vault.service`).
 - `rewrap_output(dir, key_service)`: re-wrap every DEK recorded in the output's Parquet metadata and manifest
   under the newest KEK version (sealed DEKs: reseal their batch key to the newest reveal key version, which needs
   the reveal keyring attached to the key service); cells are not re-encrypted (the Parquet footers are rewritten, the manifest's

@@ -242,3 +242,33 @@ class _GcpHandler(_Handler):
             st.versions[v]["state"] = "DESTROY_SCHEDULED"
             return self._send(200, {"name": name, "state": "DESTROY_SCHEDULED"})
         return err(404, "NOT_FOUND", "not found")
+
+
+def reveal_tables(out_dir: Path, ref: KeyRef, vault_ref: dict | None = None, columns: list[str] | None = None) -> list:
+    """What the reveal service decrypts from an output (the mechanism, without HTTP, grants or audit)."""
+    import pyarrow as pa
+
+    from cloakbeam.vault.reveal import decrypt_parquet, encrypted_targets, manifest_records, parquet_file
+    from cloakbeam.vault.store import open_vault
+
+    ks = with_reveal(open_key_service(ref))
+    vault = open_vault(vault_ref, ks) if vault_ref else None
+    records = manifest_records(str(out_dir))
+    tables = []
+    for f in sorted((Path(out_dir) / "data").rglob("*.parquet")):
+        pf = parquet_file(str(f))
+        parts = [t for t, _ in decrypt_parquet(pf, ks, vault, encrypted_targets(pf.schema_arrow, columns), records)]
+        tables.append(pa.concat_tables(parts))
+    return tables
+
+
+def reveal_quarantine(out_dir: Path, ks: KeyService, dataset: str) -> list[bytes]:
+    """Raw records of every sealed quarantine entry of an output, opened as the reveal service does."""
+    import base64
+
+    from cloakbeam.vault.reveal import open_quarantine_lines
+
+    out = []
+    for f in sorted((Path(out_dir) / "quarantine").rglob("*.jsonl")):
+        out.extend(base64.b64decode(e["record_base64"]) for e in open_quarantine_lines(f.read_bytes().splitlines(), ks, dataset))
+    return out

@@ -2,7 +2,7 @@
 
 Format: JSON lines, one entry per attempt, allowed or refused. Each entry carries
 `seq` (1, 2, 3, ...), `ts` (UTC ISO-8601), `event`, `role`, `purpose`, `domain`, `subject`, `outcome`,
-`count`, `detail`, `actor` (OS user), `prev` (the previous entry's `mac`; 64 zeros for the first entry),
+`count`, `detail`, `actor` (the verified token subject; the OS account in --dev mode), `prev` (the previous entry's `mac`; 64 zeros for the first entry),
 `alg` and `mac` = HMAC-SHA256 under the audit key (or plain SHA-256 when the log is opened without a key)
 over the canonical JSON of every other field. A sidecar `<log>.head` records the last seq and mac so that a
 truncated tail is also detected.
@@ -10,8 +10,9 @@ truncated tail is also detected.
 Entries NEVER contain a raw value: `subject` is a token, a keyed hash (blind index) or a subject id that the
 caller already considers pseudonymous; `detail` is a short reason code. `append` refuses unknown fields.
 
-API (the keys layer reuses exactly this for `cloakbeam decrypt`):
-- `AuditLog(path, key=None)`; `audit_key(key_service)` gives the key every cloakbeam command uses.
+API:
+- `AuditLog(path, key=None)`; the reveal service passes the audit MAC key of its reveal keyring (keys/sealing.py),
+  which no pipeline or client holds. `AnchoredAudit` adds signed checkpoints in a separate sink (below).
 - `log.append(event, role=..., purpose=..., domain=..., subject=..., outcome=..., count=1, detail="") -> dict`
   (process-safe: an exclusive `flock` covers read-last-entry + append + head update).
 - `log.verify() -> int` returns the number of entries or raises `IntegrityError` naming the first bad entry
@@ -37,11 +38,6 @@ from cloakbeam.errors import IntegrityError
 GENESIS = "0" * 64
 OUTCOMES = frozenset({"allowed", "denied", "not_found", "expired", "forgotten", "error"})
 _FIELDS = ("seq", "ts", "event", "role", "purpose", "domain", "subject", "outcome", "count", "detail", "actor", "prev", "alg")
-
-
-def audit_key(key_service: Any) -> bytes:
-    """The MAC key of the cloakbeam audit chain, derived from the keyring (same on every host)."""
-    return key_service.prf_key("audit/chain")
 
 
 def _canonical(entry: dict[str, Any]) -> bytes:

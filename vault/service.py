@@ -411,8 +411,7 @@ class RevealCore:
             table = pf.read(columns=keyed)
             for c in keyed:
                 ids = cell_key_ids(table.column(c))
-                have = self.vault().backend.get_column_keys(sorted(ids)) if ids else {}
-                gone = ids - set(have)
+                gone = self.vault().forgotten_column_keys(sorted(ids)) if ids else set()
                 if gone:
                     import pyarrow as pa
                     import pyarrow.compute as pc

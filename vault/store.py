@@ -166,6 +166,12 @@ class _Backend:
     def shred_subject_extras(self, subject_kid: bytes) -> int:
         """Delete a subject's column keys (subject-linked encrypted columns) and token salt; return how many."""
         p = self._p
+        # Tombstones (random cell key ids, nothing else) tell "forgotten" apart from "not this vault".
+        self.conn.execute(
+            f"INSERT INTO cloakbeam_vault_forgotten_keys (key_id, forgotten_at) SELECT key_id, {p} FROM cloakbeam_vault_column_keys"
+            f" WHERE subject = {p} ON CONFLICT DO NOTHING",
+            (int(time.time()), subject_kid),
+        )
         n = self.conn.execute(f"DELETE FROM cloakbeam_vault_column_keys WHERE subject = {p}", (subject_kid,)).rowcount
         n += self.conn.execute(f"DELETE FROM cloakbeam_vault_salts WHERE subject = {p}", (subject_kid,)).rowcount
         return n
@@ -202,6 +208,13 @@ class _Backend:
             q = f"SELECT key_id, subject, seal_id, wrapped FROM cloakbeam_vault_column_keys WHERE key_id IN ({','.join([self._p] * len(part))})"
             for k, subj, sid, w in self.conn.execute(q, tuple(part)).fetchall():
                 out[bytes(k)] = (bytes(subj), bytes(sid), bytes(w))
+        return out
+
+    def forgotten_column_keys(self, key_ids: Sequence[bytes]) -> set[bytes]:
+        out: set[bytes] = set()
+        for part in _chunks(list(key_ids), 500):
+            q = f"SELECT key_id FROM cloakbeam_vault_forgotten_keys WHERE key_id IN ({','.join([self._p] * len(part))})"
+            out.update(bytes(r[0]) for r in self.conn.execute(q, tuple(part)).fetchall())
         return out
 
     def get_salts(self, subjects: Sequence[bytes]) -> dict[bytes, bytes]:
@@ -272,6 +285,8 @@ CREATE TABLE IF NOT EXISTS cloakbeam_vault_column_keys (
 CREATE INDEX IF NOT EXISTS cloakbeam_vault_column_keys_subject ON cloakbeam_vault_column_keys (subject);
 CREATE TABLE IF NOT EXISTS cloakbeam_vault_salts (
   subject BLOB PRIMARY KEY, salt BLOB NOT NULL, created_at INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cloakbeam_vault_forgotten_keys (
+  key_id BLOB PRIMARY KEY, forgotten_at INTEGER NOT NULL) WITHOUT ROWID;
 """
 
 _PG_DDL = """
@@ -291,6 +306,8 @@ CREATE TABLE IF NOT EXISTS cloakbeam_vault_column_keys (
 CREATE INDEX IF NOT EXISTS cloakbeam_vault_column_keys_subject ON cloakbeam_vault_column_keys (subject);
 CREATE TABLE IF NOT EXISTS cloakbeam_vault_salts (
   subject BYTEA PRIMARY KEY, salt BYTEA NOT NULL, created_at BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS cloakbeam_vault_forgotten_keys (
+  key_id BYTEA PRIMARY KEY, forgotten_at BIGINT NOT NULL);
 """
 
 _ENTRY_COLS = "token, bidx, key_id, counter, ciphertext, created_at, expires_at, forgotten_at"
@@ -920,16 +937,26 @@ class Vault:
 
     def column_keys(self, cell_key_ids: Sequence[bytes]) -> dict[bytes, Any]:
         """cell key id -> DataKey for the subject column keys that still exist (reveal service only). Ids of
-        forgotten subjects are absent: their cells can never be decrypted again."""
+        forgotten subjects are absent: their cells can never be decrypted again. An id this vault never held (nor
+        forgot) raises KeyAccessError: a wrong vault must not look like an erased one."""
         from cloakbeam.keys.service import ALG_GCM, DataKey
 
         rows = self.backend.get_column_keys(list(cell_key_ids))
+        unknown = [k for k in cell_key_ids if k not in rows]
+        if unknown:
+            stray = sorted(set(unknown) - self.backend.forgotten_column_keys(unknown))
+            if stray:
+                raise KeyAccessError(f"column key {stray[0].hex()} is not in this vault and was never forgotten here (wrong vault, or a restored old backup)")
         out: dict[bytes, Any] = {}
         for cid, (subj, sid, wrapped) in rows.items():
             seal = self._seal_record(sid)
             material = self._reveal_keys("a subject column key", seal).unwrap(seal, wrapped, _COLUMN_KEY_AAD + cid + subj)
             out[cid] = DataKey(cid, False, AESGCM(material), {"key_id": cid.hex(), "alg": ALG_GCM, "subject_keyed": True})
         return out
+
+    def forgotten_column_keys(self, cell_key_ids: Sequence[bytes]) -> set[bytes]:
+        """Which of these cell key ids belong to forgotten subjects (tombstones; no key material)."""
+        return self.backend.forgotten_column_keys(list(cell_key_ids))
 
     def subject_salts(self, subjects: Sequence[str]) -> list[bytes]:
         """A random 16-byte salt per subject id (created at first use, deleted by `forget_subject`)."""

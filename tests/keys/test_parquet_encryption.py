@@ -115,7 +115,7 @@ def test_pipeline_with_parquet_encryption_and_cell_encryption(tmp_path, monkeypa
     policy.write_text(yaml.safe_dump(raw))
     src = generate(tmp_path / "in.jsonl", 120, seed=5, fmt="jsonl")
     out = tmp_path / "out"
-    run_pipeline(RunSettings(inputs=[src["path"]], schema=str(SCHEMA), policy=str(policy), output=str(out), progress=False))
+    run_pipeline(RunSettings(dev=True, inputs=[src["path"]], schema=str(SCHEMA), policy=str(policy), output=str(out), progress=False))
     files = sorted((out / "data").rglob("*.parquet"))
     with pytest.raises(OSError):
         pq.read_table(files[0])

@@ -66,7 +66,7 @@ def test_pipeline_quarantine_is_sealed_readable_by_role_and_survives_rewrap(tmp_
     raw_policy = {"version": 1, "dataset": "customers", "fields": {"ssn": "encrypt", "gender": "keep", "churned": "keep"}}
     policy = tmp_path / "policy.yaml"
     policy.write_text(yaml.safe_dump(raw_policy))
-    run_pipeline(RunSettings(inputs=[str(src)], schema=str(SCHEMA), policy=str(policy), output=str(out), progress=False))
+    run_pipeline(RunSettings(dev=True, inputs=[str(src)], schema=str(SCHEMA), policy=str(policy), output=str(out), progress=False))
     qfiles = sorted((out / "quarantine").rglob("*.jsonl"))
     assert qfiles
     entry = json.loads(qfiles[0].read_text().splitlines()[0])

@@ -156,7 +156,7 @@ def test_reference_pipeline_tokenizes_and_detokenizes(tmp_path: Path, reference_
 
     state = tmp_path / "state"
     src = reference_inputs["parquet"]["path"]
-    manifest = run_pipeline(RunSettings(inputs=[src], schema=str(REF_SCHEMA), policy=str(POLICY), output=str(tmp_path / "out"),
+    manifest = run_pipeline(RunSettings(dev=True, inputs=[src], schema=str(REF_SCHEMA), policy=str(POLICY), output=str(tmp_path / "out"),
                                         batch_size=700, progress=False, state_dir=str(state)))
     assert manifest["reconciled"] is True
     out = pq.read_table(tmp_path / "out" / "data")
@@ -173,7 +173,7 @@ def test_reference_pipeline_tokenizes_and_detokenizes(tmp_path: Path, reference_
 
     vault = open_vault({"backend": "sqlite", "path": str(state / "vault.sqlite")}, open_key_service(key_ref_from({}, state)))
     rows_before = vault.count()
-    run_pipeline(RunSettings(inputs=[src], schema=str(REF_SCHEMA), policy=str(POLICY), output=str(tmp_path / "out2"),
+    run_pipeline(RunSettings(dev=True, inputs=[src], schema=str(REF_SCHEMA), policy=str(POLICY), output=str(tmp_path / "out2"),
                              batch_size=1000, progress=False, state_dir=str(state)))
     assert vault.count() == rows_before
     again = pq.read_table(tmp_path / "out2" / "data")
@@ -206,7 +206,7 @@ def test_unreachable_vault_fails_at_construction(tmp_path: Path, reference_input
     cfg = tmp_path / "config.yaml"
     cfg.write_text(f"state_dir: {tmp_path / 'state'}\nvault: {vault_cfg}\n")
     with pytest.raises(ConfigError, match=fragment) as exc:
-        run_pipeline(RunSettings(inputs=[reference_inputs["parquet"]["path"]], schema=str(REF_SCHEMA), policy=str(POLICY),
+        run_pipeline(RunSettings(dev=True, inputs=[reference_inputs["parquet"]["path"]], schema=str(REF_SCHEMA), policy=str(POLICY),
                                  output=str(tmp_path / "out"), progress=False, config=str(cfg)))
     assert "nobody" not in str(exc.value)
     assert not (tmp_path / "out" / "data").exists() or not any((tmp_path / "out" / "data").iterdir())
@@ -230,7 +230,7 @@ def test_multi_process_pipeline_writes_one_row_per_value(tmp_path: Path, referen
     shutil.copy(multi / "keyring.json", single / "keyring.json")
     inputs = [reference_inputs["jsonl"]["path"], reference_inputs["parquet"]["path"]]  # same customers twice
     for state, opts, batch in ((multi, {"workers": 2}, 500), (single, {}, 4000)):
-        m = run_pipeline(RunSettings(inputs=inputs, schema=str(REF_SCHEMA), policy=str(POLICY), output=str(state / "out"),
+        m = run_pipeline(RunSettings(dev=True, inputs=inputs, schema=str(REF_SCHEMA), policy=str(POLICY), output=str(state / "out"),
                                      batch_size=batch, progress=False, state_dir=str(state), runner_options=opts))
         assert m["reconciled"] is True
 
