@@ -120,7 +120,7 @@ def _detokenize_parquet(reveal: Any, args: argparse.Namespace) -> int:
         table = pq.read_table(f)
         enc = pc.dictionary_encode(table.column(col).combine_chunks())
         distinct = enc.dictionary.to_pylist()
-        results = reveal.detokenize(domain, distinct, args.purpose) if distinct else []
+        results = reveal.detokenize(domain, distinct, args.purpose, label=f"column:{col}:{f.name}") if distinct else []
         for s, _ in results:
             totals[s] = totals.get(s, 0) + 1
         revealed = pc.take(pa.array([v for _, v in results], type=pa.string()), enc.indices)

@@ -60,9 +60,24 @@ def all_key_bytes(ks: KeyService) -> list[bytes]:
                 out.append(prov._open(name, v["version"], v["material"]))
     from cloakbeam.keys.service import _dek_aad
 
+    from cloakbeam.keys.sealing import is_sealed, open_reveal_keys
+
+    reveal = open_reveal_keys(reveal_ref(ks.ref))
     for rec in ks.wrapped_keys_used():
-        out.append(prov.unwrap(rec["kek"], rec["kek_version"], kr.b64d(rec["wrapped"]), _dek_aad(rec)))
-    return out
+        if is_sealed(rec):
+            out.append(reveal.unwrap(rec["seal"], kr.b64d(rec["wrapped"]), _dek_aad(rec)))
+            out.append(kr.b64d(rec["seal"]["sealed"])[-48:])  # (ciphertext of the batch key; never equals a key)
+        else:
+            out.append(prov.unwrap(rec["kek"], rec["kek_version"], kr.b64d(rec["wrapped"]), _dek_aad(rec)))
+    for batch in ks._state.seals.values():  # the process's batch keys: never in a pickle or a log either
+        out.append(_batch_raw(reveal, batch.record))
+    return [x for x in out if x]
+
+
+def _batch_raw(reveal, seal) -> bytes:
+    from cloakbeam.keys.sealing import _batch_key_bytes
+
+    return _batch_key_bytes(reveal, seal, reveal.batch_aead(seal))
 
 
 # -- loopback KMS servers (real HTTP on 127.0.0.1; they implement only the endpoints cloakbeam uses) --------

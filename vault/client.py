@@ -88,8 +88,8 @@ class RevealClient:
         except httpx.TransportError as exc:
             raise CloakbeamError(f"cannot reach the reveal service at {self.url} ({type(exc).__name__})") from None
 
-    def detokenize(self, domain: str, tokens: Sequence[str], purpose: str | None) -> list[tuple[str, str | None]]:
-        r = self._call("POST", "/v1/detokenize", json={"domain": domain, "tokens": list(tokens), "purpose": purpose})
+    def detokenize(self, domain: str, tokens: Sequence[str], purpose: str | None, label: str | None = None) -> list[tuple[str, str | None]]:
+        r = self._call("POST", "/v1/detokenize", json={"domain": domain, "tokens": list(tokens), "purpose": purpose, "label": label})
         return [(x["status"], x["value"]) for x in r.json()["results"]]
 
     def decrypt_file(self, path: str, purpose: str | None, columns: Sequence[str] | None, wrapped_keys: Sequence[dict[str, Any]] = ()) -> tuple[Any, dict[str, int]]:
@@ -137,8 +137,8 @@ class InProcessReveal:
     def close(self) -> None:
         self.core.close()
 
-    def detokenize(self, domain: str, tokens: Sequence[str], purpose: str | None) -> list[tuple[str, str | None]]:
-        return self.core.detokenize(self.identity, purpose, domain, tokens)
+    def detokenize(self, domain: str, tokens: Sequence[str], purpose: str | None, label: str | None = None) -> list[tuple[str, str | None]]:
+        return self.core.detokenize(self.identity, purpose, domain, tokens, label)
 
     def decrypt_file(self, path: str, purpose: str | None, columns: Sequence[str] | None, wrapped_keys: Sequence[dict[str, Any]] = ()) -> tuple[Any, dict[str, int]]:
         import pyarrow as pa

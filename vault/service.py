@@ -368,9 +368,11 @@ class RevealCore:
         return role, purpose_
 
     # -- detokenize --------------------------------------------------------------------------------------------
-    def detokenize(self, who: Identity, purpose: str | None, domain: str, tokens: Sequence[str]) -> list[tuple[str, str | None]]:
+    def detokenize(self, who: Identity, purpose: str | None, domain: str, tokens: Sequence[str], label: str | None = None) -> list[tuple[str, str | None]]:
+        """(status, value) per token. `label` names a batch in the audit entry (e.g. "column:email:part-1.parquet");
+        one token is recorded as itself."""
         tokens = [str(t) for t in tokens]
-        subject = tokens[0] if len(tokens) == 1 else f"{len(tokens)} tokens"
+        subject = tokens[0] if len(tokens) == 1 else (str(label)[:200] if label else f"{len(tokens)} tokens")
         role, purpose_ = self.authorize("detokenize", who, purpose, [domain], len(tokens), subject)
         try:
             results = self.vault().reveal(domain, tokens)
@@ -503,7 +505,9 @@ def open_core(cfg: ServiceConfig) -> RevealCore:
     grants = RolePolicy.load(cfg.grants_path)
     log = AuditLog(cfg.audit_log, reveal.audit_key())
     audit = AnchoredAudit(log, cfg.checkpoints, reveal.checkpoint_key(), reveal.checkpoint_public_key(), reveal._doc.get("keyring_id", "audit"))
-    return RevealCore(ks, cfg.vault, grants, audit)
+    core = RevealCore(ks, cfg.vault, grants, audit)
+    core.vault()  # fail at start-up, not on the first request, when the vault cannot be opened
+    return core
 
 
 def open_dev_core(state: Path, keys: KeyRef, vault_ref: dict[str, Any]) -> RevealCore:
@@ -578,7 +582,8 @@ def build_app(core: RevealCore, auth: Authenticator, max_body_bytes: int = 512 *
             tokens = doc.get("tokens")
             if not isinstance(doc.get("domain"), str) or not isinstance(tokens, list) or not tokens:
                 raise ConfigError("detokenize needs 'domain' and a non-empty list of 'tokens'")
-            results = await run_in_threadpool(core.detokenize, who, doc.get("purpose"), doc["domain"], tokens)
+            label = doc.get("label") if isinstance(doc.get("label"), str) else None
+            results = await run_in_threadpool(core.detokenize, who, doc.get("purpose"), doc["domain"], tokens, label)
         except Exception as exc:
             return error(exc)
         return JSONResponse({"results": [{"status": s, "value": v} for s, v in results]})
