@@ -58,9 +58,8 @@ def all_key_bytes(ks: KeyService) -> list[bytes]:
         for v in versions:
             if v.get("material"):
                 out.append(prov._open(name, v["version"], v["material"]))
-    from cloakbeam.keys.service import _dek_aad
-
     from cloakbeam.keys.sealing import is_sealed, open_reveal_keys
+    from cloakbeam.keys.service import _dek_aad
 
     reveal = open_reveal_keys(reveal_ref(ks.ref))
     for rec in ks.wrapped_keys_used():

@@ -37,7 +37,48 @@ from cloakbeam.errors import IntegrityError
 
 GENESIS = "0" * 64
 OUTCOMES = frozenset({"allowed", "denied", "not_found", "expired", "forgotten", "error"})
-_FIELDS = ("seq", "ts", "event", "role", "purpose", "domain", "subject", "outcome", "count", "detail", "actor", "prev", "alg")
+_FIELDS = ("seq", "ts", "event", "role", "purpose", "domain", "subject", "outcome", "count", "detail", "actor", "prev", "anchor", "alg")
+MAX_GROUP = 256  # entries written (and fsync'd) together at most
+
+
+class _GroupCommit:
+    """Leader/follower group commit: the first waiting thread writes every pending entry in one go."""
+
+    def __init__(self, log: Any) -> None:
+        import threading
+
+        self.log = log
+        self.lock = threading.Lock()
+        self.pending: list[dict[str, Any]] = []
+        self.writing = False
+
+    def submit(self, item: dict[str, Any]) -> dict[str, Any]:
+        import threading
+
+        slot: dict[str, Any] = {"item": item, "done": threading.Event(), "entry": None, "error": None}
+        with self.lock:
+            self.pending.append(slot)
+            leader = not self.writing
+            self.writing = True
+        if leader:
+            while True:
+                with self.lock:
+                    batch, self.pending = self.pending[:MAX_GROUP], self.pending[MAX_GROUP:]
+                    if not batch:
+                        self.writing = False
+                        break
+                try:
+                    for s, e in zip(batch, self.log._append_group([s["item"] for s in batch])):
+                        s["entry"] = e
+                except BaseException as exc:  # every waiter of this group fails with the same error
+                    for s in batch:
+                        s["error"] = exc
+                for s in batch:
+                    s["done"].set()
+        slot["done"].wait()
+        if slot["error"] is not None:
+            raise slot["error"]
+        return slot["entry"]
 
 
 def _canonical(entry: dict[str, Any]) -> bytes:
@@ -59,6 +100,7 @@ class AuditLog:
         self._key = key
         self.alg = "hmac-sha256" if key else "sha256"
         self.on_append: Any = None
+        self._group = _GroupCommit(self)
 
     def __repr__(self) -> str:
         return f"AuditLog({str(self.path)!r}, alg={self.alg!r})"
@@ -100,10 +142,24 @@ class AuditLog:
         detail: str = "",
         actor: str | None = None,
     ) -> dict[str, Any]:
-        """Append one entry and return it. `subject` must be a token, keyed hash or subject id, never a value.
-        `actor` is the verified identity (the reveal service passes the token's subject); None = the OS account."""
+        """Append one entry and return it once it is on disk (fsync'd, checkpointed when anchored). `subject` must
+        be a token, keyed hash or subject id, never a value. `actor` is the verified identity (the reveal service
+        passes the token's subject); None = the OS account.
+
+        Concurrent appends from threads of one process are group-committed: one thread writes every pending entry
+        with one fsync (and one checkpoint), the others wait for it; each returns only after its entry is durable."""
         if outcome not in OUTCOMES:
             raise ValueError(f"audit outcome must be one of {', '.join(sorted(OUTCOMES))}")
+        item = {
+            "ts": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+            "event": str(event), "role": str(role), "purpose": str(purpose), "domain": str(domain),
+            "subject": None if subject is None else str(subject), "outcome": outcome, "count": int(count), "detail": str(detail),
+            "actor": _actor() if actor is None else str(actor),
+        }
+        return self._group.submit(item)
+
+    def _append_group(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Write `items` as consecutive entries under one exclusive flock and one fsync; checkpoint the last."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(fd, "r+b") as fh:
@@ -118,34 +174,26 @@ class AuditLog:
                         seq, prev = int(doc["seq"]) + 1, str(doc["mac"])
                     except Exception:
                         raise IntegrityError(f"audit log {self.path}: last entry is unreadable; run 'cloakbeam audit verify'") from None
-                entry: dict[str, Any] = {
-                    "seq": seq,
-                    "ts": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-                    "event": str(event),
-                    "role": str(role),
-                    "purpose": str(purpose),
-                    "domain": str(domain),
-                    "subject": None if subject is None else str(subject),
-                    "outcome": outcome,
-                    "count": int(count),
-                    "detail": str(detail),
-                    "actor": _actor() if actor is None else str(actor),
-                    "prev": prev,
-                    "alg": self.alg,
-                }
-                entry["mac"] = self._mac(entry)
+                anchor = seq - 1  # the previous group's last entry, which that group checkpointed
+                out, lines = [], []
+                for item in items:
+                    entry: dict[str, Any] = {"seq": seq, **item, "prev": prev, "anchor": anchor, "alg": self.alg}
+                    entry["mac"] = prev = self._mac(entry)
+                    out.append(entry)
+                    lines.append(json.dumps(entry, sort_keys=True, separators=(",", ":")).encode() + b"\n")
+                    seq += 1
                 fh.seek(0, os.SEEK_END)
-                fh.write(json.dumps(entry, sort_keys=True, separators=(",", ":")).encode() + b"\n")
+                fh.write(b"".join(lines))
                 fh.flush()
                 os.fsync(fh.fileno())
                 tmp = self.head_path.with_name(self.head_path.name + f".{os.getpid()}.tmp")
-                tmp.write_text(json.dumps({"seq": seq, "mac": entry["mac"]}))
+                tmp.write_text(json.dumps({"seq": out[-1]["seq"], "mac": out[-1]["mac"]}))
                 os.replace(tmp, self.head_path)
                 if self.on_append is not None:  # e.g. a signed checkpoint, still under the lock
-                    self.on_append(entry)
+                    self.on_append(out[-1])
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-        return entry
+        return out
 
     def entries(self) -> Iterator[dict[str, Any]]:
         """Parsed entries in file order (no checking; use `verify` for that)."""
@@ -161,7 +209,9 @@ class AuditLog:
         return len(self.verify_macs())
 
     def verify_macs(self) -> list[str]:
-        """Check the whole chain; return every entry's MAC in order (IntegrityError naming the bad entry)."""
+        """Check the whole chain; return every entry's MAC in order (IntegrityError naming the bad entry).
+        `self.anchors` then holds each entry's `anchor` (the seq its group's predecessor checkpointed)."""
+        self.anchors: list[int] = []
         if not self.path.exists():
             if self.head_path.exists():
                 raise IntegrityError(f"audit log {self.path} is missing but its head file says entries were written")
@@ -193,6 +243,7 @@ class AuditLog:
                     raise IntegrityError(f"audit log {self.path}: entry {lineno} was edited (its MAC does not match)")
                 prev = last_mac = entry["mac"]
                 macs.append(entry["mac"])
+                self.anchors.append(int(entry["anchor"]))
                 n = lineno
         if self.head_path.exists():
             try:
@@ -330,6 +381,25 @@ class AnchoredAudit:
     def append(self, event: str, **kw: Any) -> dict[str, Any]:
         return self.log.append(event, **kw)
 
+    def recover(self) -> bool:
+        """At start-up: checkpoint a log tail that a crash left without its checkpoint (its entries are MAC'd, so
+        nothing is legitimized that the service did not write). Returns True when a checkpoint was written."""
+        if not self.log.path.exists():
+            return False
+        with open(self.log.path, "rb") as fh:
+            last = AuditLog._last_line(fh)
+        if last is None:
+            return False
+        try:
+            entry = json.loads(last)
+        except ValueError:
+            return False  # `verify` names the damage
+        cps = [c for c in (self.sink.read() or []) if c.get("log") == self.log_id]
+        if cps and int(cps[-1].get("seq", 0)) >= int(entry["seq"]):
+            return False
+        self._checkpoint(entry)
+        return True
+
     def verify(self) -> dict[str, Any]:
         """{"entries": n, "checkpoints": m, "checkpointed": seq} or IntegrityError naming the problem."""
         return verify_anchored(self.log, self.sink, self.public_key, self.log_id)
@@ -365,6 +435,12 @@ def verify_anchored(log: AuditLog, sink: Any, public_key: bytes, log_id: str) ->
         last = seq
     if not cps and macs:
         raise IntegrityError(f"the audit log holds {len(macs)} entries but no checkpoint names this log")
-    if len(macs) - last > 1:
-        raise IntegrityError(f"the audit log holds {len(macs) - last} entries after the last signed checkpoint (checkpoints truncated or entries added)")
+    # Each entry names the checkpoint its group followed: a removed checkpoint leaves entries naming it. Entries
+    # after the last checkpoint are tolerated only as one group that crashed before its checkpoint was written.
+    seqs = {0} | {int(c["seq"]) for c in cps}
+    for i, anchor in enumerate(log.anchors, start=1):
+        if anchor not in seqs:
+            raise IntegrityError(f"audit log entry {i} follows a checkpoint at entry {anchor} that the sink no longer holds (checkpoints removed)")
+        if i > last and anchor != last:
+            raise IntegrityError(f"audit log entry {i} lies after the last signed checkpoint (entry {last}) but follows another one (checkpoints truncated)")
     return {"entries": len(macs), "checkpoints": len(cps), "checkpointed": last}

@@ -505,6 +505,7 @@ def open_core(cfg: ServiceConfig) -> RevealCore:
     grants = RolePolicy.load(cfg.grants_path)
     log = AuditLog(cfg.audit_log, reveal.audit_key())
     audit = AnchoredAudit(log, cfg.checkpoints, reveal.checkpoint_key(), reveal.checkpoint_public_key(), reveal._doc.get("keyring_id", "audit"))
+    audit.recover()
     core = RevealCore(ks, cfg.vault, grants, audit)
     core.vault()  # fail at start-up, not on the first request, when the vault cannot be opened
     return core

@@ -121,8 +121,8 @@ def test_wrapped_keys_reach_the_manifest_when_protect_and_write_run_in_different
 
     from cloakbeam.core.stats import RunStats
     from cloakbeam.keys import service as svc
-    from cloakbeam.transforms.steps import PolicyRef, _ProtectFn, _WriteFn
     from cloakbeam.tests.keys_fixtures import reveal_tables
+    from cloakbeam.transforms.steps import PolicyRef, _ProtectFn, _WriteFn
 
     pol = _policy(customers_schema, ssn="encrypt")
     batch = _batch(customers_schema, 30)
