@@ -320,3 +320,74 @@ def test_grant_covers_every_column_and_quarantine_is_its_own_domain(world: Any) 
     e = _entries(w)[-1]
     assert (e["event"], e["outcome"], e["actor"], e["domain"]) == ("decrypt", "denied", "st@corp", "income,ssn")
     steward.close()
+
+
+def test_salted_tokens_erase_linkage_and_subject_fields_are_checked_at_compile(world: Any, customers_schema: Any) -> None:
+    import pyarrow as pa
+
+    from cloakbeam.core.config import RuntimeConfig
+    from cloakbeam.errors import PolicyError
+    from cloakbeam.transforms.policy import compile_policy
+    from cloakbeam.transforms.protect import protect_batch
+    from cloakbeam.transforms.registry import ActionContext
+    from cloakbeam.vault.client import RevealClient
+    from cloakbeam.vault.tokens import Tokenizer
+
+    w = world
+    fields = {"email": {"action": "tokenize", "normalize": "lower", "subject": "customer_id", "salt": "subject"}, "gender": "keep"}
+    pol = compile_policy({"version": 1, "dataset": "customers", "fields": fields}, customers_schema)
+    batch = pa.RecordBatch.from_pylist(
+        [{"customer_id": "C1", "email": "Shared@x.org", "gender": "f"}, {"customer_id": "C2", "email": "shared@x.org", "gender": "m"},
+         {"customer_id": "C1", "email": "shared@x.org ", "gender": "f"}, {"customer_id": None, "email": "lone@x.org", "gender": "f"}]
+    )
+    ctx = ActionContext(RuntimeConfig(run_id="r", dataset_id="customers", state_dir=str(w.state), keys=KeyRef(path=str(w.ring)), vault=w.vault_ref))
+    from cloakbeam.transforms.protect import protect_batch_with_rejects
+
+    out, rejected = protect_batch_with_rejects(batch, pol, ctx)
+    assert [r[1] for r in rejected] == ["missing_subject"]  # no subject: never an unsalted token
+    toks = out.column(out.schema.get_field_index("email")).to_pylist()
+    assert toks[0] == toks[2] != toks[1]  # same subject: same token; another subject: another token
+    client = RevealClient(w.url, w.issuer.token(purposes=["dsar"]))
+    assert [v for _, v in client.detokenize("email", toks[:2], "dsar")] == ["shared@x.org", "shared@x.org"]
+    assert client.forget("dsar", subject="C1") >= 2  # entry + salt
+    # the unsalted token of the guessed value matches nothing, and the salt that made C1's token is gone
+    ks = open_key_service(KeyRef(path=str(w.ring)))
+    assert Tokenizer(ks.prf_key("tokenize/email"), Domain("email").fmt).token_at("shared@x.org", 0) not in toks
+    again = protect_batch(batch.slice(0, 1), pol, ActionContext(ctx.runtime))
+    assert again.column(0).to_pylist()[0] != toks[0]  # C1 seen again: a new salt, a new token
+    assert client.detokenize("email", [toks[0]], "dsar") == [("forgotten", None)]
+    client.close()
+    bad = [
+        ({"ssn": {"action": "encrypt", "subject": "nope"}}, "subject field 'nope' is not a leaf field"),
+        ({"ssn": {"action": "encrypt", "subject": "customer_id", "deterministic": True}}, "cannot be deterministic"),
+        ({"email": {"action": "tokenize", "salt": "subject"}}, "needs 'subject"),
+        ({"email": {"action": "tokenize", "subject": "customer_id", "salt": "subject", "format": "digits"}}, "format: opaque"),
+        ({"email": {"action": "tokenize", "subject": "address"}}, "not a leaf field"),
+    ]
+    for spec, msg in bad:
+        with pytest.raises(PolicyError, match=msg):
+            compile_policy({"version": 1, "dataset": "customers", "fields": {"gender": "keep", **spec}}, customers_schema)
+
+
+@pytest.mark.postgres
+def test_checkpoints_in_a_postgres_table(tmp_path: Path, pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloakbeam.errors import IntegrityError
+    from cloakbeam.keys.sealing import init_reveal_keyring
+    from cloakbeam.vault.audit import AnchoredAudit, PostgresCheckpointSink
+
+    monkeypatch.setenv("CB_CKPT_DSN", pg_dsn)
+    from cloakbeam.keys.sealing import open_reveal_keys
+
+    reveal = open_reveal_keys(init_reveal_keyring(tmp_path / "r.json", protection="dev"))
+    sink = PostgresCheckpointSink("CB_CKPT_DSN")
+    audit = AnchoredAudit(AuditLog(tmp_path / "audit.jsonl", reveal.audit_key()), sink, reveal.checkpoint_key(), reveal.checkpoint_public_key(), "L1")
+    for i in range(3):
+        audit.append("detokenize", role="r", purpose="p", domain="email", outcome="allowed", actor=f"u{i}")
+    assert audit.verify() == {"entries": 3, "checkpoints": 3, "checkpointed": 3}
+    sink._connect().execute("DELETE FROM cloakbeam_audit_checkpoints WHERE seq = 2")  # a checkpoint in the middle
+    with pytest.raises(IntegrityError, match="no longer holds"):
+        audit.verify()
+    sink._connect().execute("DELETE FROM cloakbeam_audit_checkpoints")
+    with pytest.raises(IntegrityError, match="missing or empty"):
+        audit.verify()
+    sink.close()
