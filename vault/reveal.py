@@ -38,11 +38,30 @@ def encrypted_targets(schema: pa.Schema, columns: Sequence[str] | None) -> list[
     return sorted(set(columns))
 
 
-def parquet_file(source: bytes | str) -> pq.ParquetFile:
+def parquet_file(source: bytes | str, key_service: Any = None) -> pq.ParquetFile:
+    """A Parquet file from bytes or a path; with Parquet-modular-encryption decryption properties when its columns
+    need them (and `key_service` is given)."""
+
+    def src() -> Any:
+        return io.BytesIO(source) if isinstance(source, bytes) else source
+
     try:
-        return pq.ParquetFile(io.BytesIO(source) if isinstance(source, bytes) else source)
+        pf = pq.ParquetFile(src())
+        if key_service is None or pf.num_row_groups == 0:
+            return pf
+        pf.read_row_group(0)
+        return pf
+    except OSError:
+        if key_service is None:
+            raise ConfigError("the request body is not a readable Parquet file") from None
     except Exception:
         raise ConfigError("the request body is not a readable Parquet file") from None
+    from cloakbeam.keys.parquet_encryption import reader_kwargs
+
+    try:
+        return pq.ParquetFile(src(), **reader_kwargs(key_service))
+    except Exception:
+        raise ConfigError("the Parquet file is encrypted with keys this service cannot open") from None
 
 
 def file_key_records(pf: pq.ParquetFile) -> list[dict[str, Any]]:

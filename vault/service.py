@@ -398,7 +398,7 @@ class RevealCore:
         from cloakbeam.keys.cells import cell_key_ids
         from cloakbeam.vault.reveal import decrypt_parquet, encrypted_targets, parquet_file
 
-        pf = parquet_file(data)
+        pf = parquet_file(data, self.keys)
         targets = encrypted_targets(pf.schema_arrow, columns)
         if not targets:
             raise ConfigError("the file has no encrypted column to decrypt")

@@ -124,6 +124,7 @@ def test_pipeline_with_parquet_encryption_and_cell_encryption(tmp_path, monkeypa
     assert t.schema.field("diagnosis").type == pa.string()
     assert verify_output(out) == []
     (state / "roles.yaml").write_text("version: 1\nroles:\n  dpo: [{action: decrypt, domains: [ssn], purposes: [dsar]}]\n")
-    assert main(["decrypt", str(out), "--out", str(tmp_path / "plain"), "--role", "dpo", "--purpose", "dsar"]) == 0
+    pub = __import__("json").loads((state / "keyring.json").read_text())["signing_public_key"]
+    assert main(["decrypt", str(out), "--out", str(tmp_path / "plain"), "--dev", "--role", "dpo", "--purpose", "dsar", "--public-key", pub]) == 0
     plain = pq.read_table(sorted((tmp_path / "plain").rglob("*.parquet"))[0])
     assert plain.schema.field("ssn").type == pa.string() and plain.num_rows > 0
