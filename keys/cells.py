@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -263,7 +264,7 @@ def current_kernel() -> Kernel:
 
 
 def encrypt_column_keyed(
-    arr: pa.Array | pa.ChunkedArray, key_index: np.ndarray, keys: Sequence[object], *, dataset: str, column: str
+    arr: pa.Array | pa.ChunkedArray, key_index: np.ndarray, keys: Sequence[Any], *, dataset: str, column: str
 ) -> pa.BinaryArray:
     """Encrypt every non-null cell of `arr` under `keys[key_index[row]]` (random-mode DataKeys, AES-256-GCM).
 
@@ -314,7 +315,7 @@ def encrypt_column_keyed(
 
 def decrypt_column_keyed(
     arr: pa.Array | pa.ChunkedArray,
-    keys: Mapping[bytes, object] | Callable[[Sequence[bytes]], Mapping[bytes, object]],
+    keys: Mapping[bytes, Any] | Callable[[Sequence[bytes]], Mapping[bytes, Any]],
     *,
     dataset: str,
     column: str,
@@ -364,7 +365,7 @@ def decrypt_column_keyed(
     if len(rows):
         slot = np.cumsum(have) - 1  # distinct key -> position among the keys that exist
         present = [k for k, h in zip(distinct, have.tolist()) if h]
-        aeads = [found[k].aead for k in present]  # type: ignore[attr-defined]
+        aeads = [found[k].aead for k in present]
         aads = [cell_aad(CELL_GCM, k, dataset, column) for k in present]
         bad_row = _KERNEL.gcm_decrypt_keyed(aeads, aads, data, start[rows], end[rows], out, plain_offsets[rows], rows, slot[inv[keep]])
         if bad_row is not None:
