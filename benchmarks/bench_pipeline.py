@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
     settings = RunSettings(
+        dev=True,
         inputs=[str(src)],
         schema=str(SCHEMA_PATH),
         policy=args.policy or str(REFERENCE_POLICY_PATH),

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.runners.split(","):
         runner, opts = PROFILES[name]
         t0 = time.perf_counter()
-        m = run_pipeline(RunSettings(inputs=[str(inp / "*.jsonl")], schema=str(SCHEMA_PATH), policy=str(REFERENCE_POLICY_PATH),
+        m = run_pipeline(RunSettings(dev=True, inputs=[str(inp / "*.jsonl")], schema=str(SCHEMA_PATH), policy=str(REFERENCE_POLICY_PATH),
                                      output=str(work / f"out-{name}"), runner=runner, batch_size=args.batch_size,
                                      state_dir=str(work / "state"), overwrite=True, progress=False, runner_options=dict(opts)))
         secs = time.perf_counter() - t0

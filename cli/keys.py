@@ -1,7 +1,11 @@
-"""`cloakbeam keys init|list|rotate|retire|rewrap|public-key`, `cloakbeam decrypt` and `cloakbeam verify`.
+"""`cloakbeam keys init|init-reveal|set-reveal-key|list|rotate|retire|rewrap|public-key`, `cloakbeam decrypt` and
+`cloakbeam verify`.
 
-Exit codes: 0 success, 2 usage/configuration error, 1 runtime failure (wrong key, tampered cell, failed
-verification). Output never contains key material or cell contents.
+Two keyrings, two holders (docs/access-control.md): the pipeline keyring (`keys init --reveal-key ...`: PRF root,
+signing key, the reveal PUBLIC key it seals to) and the reveal keyring (`keys init-reveal`, held by the reveal
+service alone). `decrypt` is a client of the reveal service and verifies the output against a pinned signing key
+first; `verify` needs a pinned key. Exit codes: 0 success, 2 usage/configuration error, 1 runtime failure (refused,
+tampered cell, failed verification). Output never contains key material or cell contents.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cloakbeam.cli.vault import AUDIT_FILE, ROLES_FILE  # one place names the files both CLIs use
+from cloakbeam.cli.reveal_client import add_reveal_options, open_reveal
 from cloakbeam.errors import ConfigError, IntegrityError, KeyAccessError
 
 
@@ -27,7 +31,22 @@ def register(subparsers: Any) -> None:
                    help="how the local keyring's KEKs are protected (default passphrase from $CLOAKBEAM_KEYRING_PASSPHRASE)")
     p.add_argument("--env", default=None, metavar="VAR", help="environment variable holding the passphrase or raw key")
     p.add_argument("--scrypt-n", type=int, default=2**15, help=argparse.SUPPRESS)
+    p.add_argument("--reveal-key", default=None, metavar="KEY|FILE",
+                   help="the reveal service's public key(s) the pipeline seals to: its reveal keyring file, or [name:]base64 (required unless --protect dev)")
     p.set_defaults(func=cmd_init)
+
+    p = ksub.add_parser("init-reveal", help="create the reveal service's keyring (reveal key pair, audit MAC key, checkpoint key)")
+    _common(p)
+    p.add_argument("--protect", choices=("passphrase", "env-key", "dev"), default="passphrase", help="how the reveal keyring is protected")
+    p.add_argument("--env", default=None, metavar="VAR", help="environment variable holding the passphrase or raw key")
+    p.add_argument("--scrypt-n", type=int, default=2**15, help=argparse.SUPPRESS)
+    p.add_argument("--name", action="append", default=None, help="reveal key name(s) (default 'default'; e.g. one per sensitivity)")
+    p.set_defaults(func=cmd_init_reveal)
+
+    p = ksub.add_parser("set-reveal-key", help="record (or replace) a reveal public key in the pipeline keyring")
+    _common(p)
+    p.add_argument("key", metavar="KEY|FILE", help="reveal keyring file (its public keys only are read) or [name:]base64")
+    p.set_defaults(func=cmd_set_reveal_key)
 
     p = ksub.add_parser("list", help="list KEK versions and their state (no key material)")
     _common(p)
@@ -44,33 +63,30 @@ def register(subparsers: Any) -> None:
     p.add_argument("--name", default="default", help="KEK name")
     p.set_defaults(func=cmd_retire)
 
-    p = ksub.add_parser("rewrap", help="re-wrap every data key recorded in an output under the newest KEK version")
+    p = ksub.add_parser("rewrap", help="re-wrap every data key recorded in an output under the newest KEK / reveal key version")
     _common(p)
     p.add_argument("output", metavar="DIR", help="output directory of a run")
+    p.add_argument("--reveal-keyring", default=None, metavar="FILE", help="the reveal keyring (needed to reseal sealed data keys; reveal service host)")
     p.set_defaults(func=cmd_rewrap)
 
     p = ksub.add_parser("public-key", help="print the manifest signing public key (base64) to pin with 'verify --public-key'")
     _common(p)
     p.set_defaults(func=cmd_public_key)
 
-    d = subparsers.add_parser("decrypt", help="decrypt encrypted columns of an output into a new directory (role-checked, audited)")
-    _common(d)
-    d.add_argument("input", metavar="PATH", help="output directory or one Parquet file")
+    d = subparsers.add_parser("decrypt", help="decrypt encrypted columns of an output through the reveal service (verified first, audited)")
+    add_reveal_options(d)
+    d.add_argument("input", metavar="PATH", help="output directory (or one Parquet file inside one)")
     d.add_argument("--out", required=True, metavar="DIR", help="new directory for the decrypted copy (mode 0700)")
     d.add_argument("--columns", default=None, help="comma-separated encrypted column paths (default: all)")
-    d.add_argument("--quarantine", action="store_true", help="open the sealed quarantine records instead (role domain 'quarantine')")
-    d.add_argument("--role", required=True, help="role named in the role policy")
-    d.add_argument("--purpose", required=True, help="why (checked against the role's grants and audited)")
-    d.add_argument("--roles", default=None, metavar="FILE", help="role policy YAML (default $CLOAKBEAM_ROLES or STATE_DIR/roles.yaml)")
-    d.add_argument("--log", "--audit-log", dest="audit_log", default=None, metavar="FILE", help="audit log (default STATE_DIR/audit.jsonl)")
+    d.add_argument("--quarantine", action="store_true", help="open the sealed quarantine records instead (grant domain 'quarantine')")
+    d.add_argument("--public-key", default=None, metavar="KEY|FILE", help="pinned manifest signing key (base64, PEM or keyring file; or config signing_public_key)")
     d.set_defaults(func=cmd_decrypt)
 
-    v = subparsers.add_parser("verify", help="check an output's manifest signature, file hashes and row counts")
+    v = subparsers.add_parser("verify", help="check an output's manifest signature (pinned key), file hashes and row counts")
     v.add_argument("output", metavar="DIR")
     v.add_argument("--public-key", default=None, metavar="KEY|FILE",
-                   help="expected signing key (base64, PEM file or keyring file); default: the keyring in the state dir if present")
-    v.add_argument("--state-dir", default=None, help="local state directory (default ./.cloakbeam or $CLOAKBEAM_STATE_DIR)")
-    v.add_argument("--config", default=None, metavar="FILE", help="YAML config naming state_dir and keys")
+                   help="the expected signing key (base64, PEM file or pipeline keyring file); required, or 'signing_public_key' in --config")
+    v.add_argument("--config", default=None, metavar="FILE", help="YAML config naming signing_public_key")
     v.set_defaults(func=cmd_verify)
 
 
@@ -110,13 +126,58 @@ def cmd_init(args: argparse.Namespace) -> int:
     if not ref.path:
         raise ConfigError("no keyring path; pass --keyring FILE or configure keys.path")
     params = dict(ref.params)
+    from cloakbeam.keys.sealing import init_reveal_keyring, read_reveal_public_keys
+    from cloakbeam.keys.service import dev_reveal_keyring_path
+
+    if args.reveal_key:
+        reveal = read_reveal_public_keys(args.reveal_key)
+    elif args.protect == "dev" and ref.provider == "local":
+        dev_reveal = dev_reveal_keyring_path(ref.path)
+        if not dev_reveal.exists():
+            init_reveal_keyring(dev_reveal, protection="dev")
+        reveal = read_reveal_public_keys(str(dev_reveal))
+        print(f"cloakbeam: WARNING: also created a development reveal keyring {dev_reveal} beside it; in production it lives only on the reveal service", file=sys.stderr)
+    else:
+        raise ConfigError("a pipeline keyring seals to the reveal service's public key: pass --reveal-key REVEAL_KEYRING_OR_BASE64 "
+                          "(from 'cloakbeam keys init-reveal' on the reveal service)")
     try:
-        init_keyring(ref.path, provider=ref.provider, protection=args.protect, env=args.env, scrypt_n=args.scrypt_n, params=params)
+        init_keyring(ref.path, provider=ref.provider, protection=args.protect, env=args.env, scrypt_n=args.scrypt_n, params=params, reveal_public_keys=reveal)
     except KeyAccessError as exc:  # missing passphrase/token, unreachable KMS: nothing was written
         raise ConfigError(str(exc)) from None
     if args.protect == "dev" and ref.provider == "local":
         print("cloakbeam: WARNING: created an UNPROTECTED development keyring; never use it for real data", file=sys.stderr)
-    print(f"created keyring {ref.path} (provider {ref.provider}, KEK 'default' version 1)")
+    print(f"created keyring {ref.path} (provider {ref.provider}, KEK 'default' version 1, signing key under KEK 'signing'; seals to reveal key(s) {', '.join(sorted(reveal))})")
+    return 0
+
+
+def cmd_init_reveal(args: argparse.Namespace) -> int:
+    from cloakbeam.keys.sealing import init_reveal_keyring, read_reveal_public_keys
+
+    ref, state = _ref(args, create_state=True)
+    path = args.keyring or str(state / "reveal-keyring.json")
+    try:
+        init_reveal_keyring(path, provider=ref.provider, protection=args.protect, env=args.env, scrypt_n=args.scrypt_n,
+                            params=dict(ref.params), names=tuple(args.name or ["default"]))
+    except KeyAccessError as exc:
+        raise ConfigError(str(exc)) from None
+    print(f"created reveal keyring {path}: keep it on the reveal service only")
+    for name, v in sorted(read_reveal_public_keys(path).items()):
+        print(f"reveal public key {name} v{v['version']}: {v['public_key']}")
+    return 0
+
+
+def cmd_set_reveal_key(args: argparse.Namespace) -> int:
+    from cloakbeam.keys.sealing import read_reveal_public_keys
+    from cloakbeam.keys.service import set_reveal_public_keys
+
+    ref, _ = _ref(args)
+    keys = read_reveal_public_keys(args.key)
+    try:
+        set_reveal_public_keys(ref, keys)
+    except KeyAccessError as exc:
+        raise ConfigError(str(exc)) from None
+    names = ", ".join(f"{n} v{v['version']}" for n, v in sorted(keys.items()))
+    print(f"keyring {ref.path} now seals to reveal key(s) {names}")
     return 0
 
 
@@ -155,6 +216,14 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
     from cloakbeam.keys.decrypt import rewrap_output
 
     ks, _ = _open(args)
+    if args.reveal_keyring:
+        from cloakbeam.core.config import KeyRef
+        from cloakbeam.keys.sealing import open_reveal_keys
+
+        try:
+            ks.attach_reveal(open_reveal_keys(KeyRef(path=str(Path(args.reveal_keyring).resolve()))))
+        except KeyAccessError as exc:
+            raise ConfigError(str(exc)) from None
     try:
         r = rewrap_output(args.output, ks)
     finally:
@@ -177,18 +246,25 @@ def cmd_public_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def _roles(args: argparse.Namespace, state: Path):
-    from cloakbeam.vault.roles import RolePolicy
+def pinned_public_key(args: argparse.Namespace) -> bytes:
+    """The manifest signing key the caller pins (--public-key or config signing_public_key); exit 2 without one."""
+    from cloakbeam.core.config import load_config_file
+    from cloakbeam.keys.signing import load_public_key
 
-    path = args.roles or os.environ.get("CLOAKBEAM_ROLES") or str(state / ROLES_FILE)
-    if not Path(path).exists():
-        raise ConfigError(f"role policy {path} does not exist; pass --roles FILE (see docs/keys-and-encryption.md)")
-    return RolePolicy.load(path)
+    spec = args.public_key or load_config_file(getattr(args, "config", None)).get("signing_public_key")
+    if not spec:
+        raise ConfigError(
+            "no pinned signing key: pass --public-key KEY|FILE (the pipeline's 'cloakbeam keys public-key') or set signing_public_key "
+            "in --config; a signature checked against the key inside the signature file proves nothing"
+        )
+    try:
+        return load_public_key(str(spec))
+    except Exception:
+        raise ConfigError("--public-key must be a base64 Ed25519 public key, a PEM file or a keyring file") from None
 
 
 def cmd_decrypt(args: argparse.Namespace) -> int:
-    from cloakbeam.keys.decrypt import write_private_table
-    from cloakbeam.vault.reveal import decrypt_output
+    from cloakbeam.keys.signing import verify_output
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -196,82 +272,76 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
     src = Path(args.input)
     if not src.exists():
         raise ConfigError(f"{src} does not exist")
-    ks, state = _open(args)
+    base = src if src.is_dir() else src.parent.parent if src.parent.name == "data" else src.parent
+    pinned = pinned_public_key(args)
+    problems = verify_output(base, pinned)
+    if problems:
+        for p in problems:
+            print(f"cloakbeam: verify: {p}", file=sys.stderr)
+        raise IntegrityError(f"{base} failed verification against the pinned signing key ({len(problems)} problem(s)); nothing was decrypted")
+    reveal = open_reveal(args)
     try:
-        roles = _roles(args, state)
-        audit = _audit(args, state, ks)
         if args.quarantine:
-            return _decrypt_quarantine(args, src, out, ks, roles, audit)
-        cols = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
-        n = 0
-        out.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for rel, table in decrypt_output(src, ks, role=args.role, purpose=args.purpose, roles=roles, columns=cols, audit=audit):
-            write_private_table(table, out / rel)
-            n += 1
+            return _decrypt_quarantine(args, base, out, reveal)
+        return _decrypt_files(args, src, base, out, reveal)
     finally:
-        ks.close()
-    print(f"decrypted {n} file(s) into {out}")
+        reveal.close()
+
+
+def _decrypt_files(args: argparse.Namespace, src: Path, base: Path, out: Path, reveal: Any) -> int:
+    from cloakbeam.cli.vault import write_private_parquet
+    from cloakbeam.vault.client import iter_output_files
+    from cloakbeam.vault.reveal import manifest_records
+
+    cols = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
+    records = manifest_records(str(base))
+    decrypted = []
+    unreadable: dict[str, int] = {}
+    for f, rel in iter_output_files(src if src.is_file() else base / "data" if (base / "data").is_dir() else base):
+        table, gone = reveal.decrypt_file(str(f), args.purpose, cols, records)
+        for c, n in gone.items():
+            unreadable[c] = unreadable.get(c, 0) + n
+        decrypted.append((rel, table))
+    if not decrypted:
+        raise ConfigError(f"no Parquet files under {src}")
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for rel, table in decrypted:
+        write_private_parquet(table, out / rel)
+    note = "; " + ", ".join(f"{n} cell(s) of '{c}' are unreadable (forgotten subjects)" for c, n in sorted(unreadable.items()) if n) if any(unreadable.values()) else ""
+    print(f"decrypted {len(decrypted)} file(s) into {out}{note}")
     return 0
 
 
-def _decrypt_quarantine(args: argparse.Namespace, src: Path, out: Path, ks: Any, roles: Any, audit: Any) -> int:
-    import base64
+def _decrypt_quarantine(args: argparse.Namespace, base: Path, out: Path, reveal: Any) -> int:
     import json
 
-    from cloakbeam.keys.quarantine import read_quarantine
-
-    qdir = src / "quarantine" if (src / "quarantine").is_dir() else src
+    qdir = base / "quarantine"
     try:
-        dataset = json.loads((src / "manifest.json").read_text())["policy"]["dataset"]
+        dataset = json.loads((base / "manifest.json").read_text())["policy"]["dataset"]
     except Exception:
-        raise ConfigError(f"cannot read the dataset id from {src / 'manifest.json'}; point at an output directory") from None
-    # Authorize and open everything before creating any file (quarantines are small).
-    items = list(read_quarantine(qdir, ks, dataset_id=dataset, role=args.role, purpose=args.purpose, roles=roles, audit=audit))
+        raise ConfigError(f"cannot read the dataset id from {base / 'manifest.json'}; point at an output directory") from None
+    entries = []
+    for f in sorted(qdir.rglob("*.jsonl")) if qdir.is_dir() else []:
+        entries.extend(reveal.open_quarantine(str(f), dataset, args.purpose))
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(out / "quarantine.jsonl", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
-        for entry, raw in items:
-            entry["record_base64"] = base64.b64encode(raw).decode("ascii")
+        for entry in entries:
             fh.write(json.dumps(entry, sort_keys=True) + "\n")
-    print(f"opened {len(items)} quarantine record(s) into {out / 'quarantine.jsonl'}")
+    print(f"opened {len(entries)} quarantine record(s) into {out / 'quarantine.jsonl'}")
     return 0
 
 
-def _audit(args: argparse.Namespace, state: Path, ks: Any):
-    try:
-        from cloakbeam.vault.audit import AuditLog, audit_key
-    except ImportError:  # pragma: no cover - the vault layer ships the audit log
-        return None
-    path = Path(args.audit_log) if args.audit_log else state / AUDIT_FILE
-    return AuditLog(path, audit_key(ks))
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
-    from cloakbeam.keys.signing import load_public_key, verify_output
+    from cloakbeam.keys.signing import fingerprint, verify_output
 
-    pinned = None
-    note = ""
-    if args.public_key:
-        try:
-            pinned = load_public_key(args.public_key)
-        except Exception:
-            raise ConfigError("--public-key must be a base64 Ed25519 public key, a PEM file or a keyring file") from None
-    else:
-        ref, _ = _ref(args)
-        if ref.path and Path(ref.path).is_file():
-            try:
-                pinned = load_public_key(ref.path)
-                note = f" (signer pinned to keyring {ref.path})"
-            except Exception:
-                pinned = None
-        if pinned is None:
-            note = " (signature checked against the key in the signature file; pin the signer with --public-key)"
     if not Path(args.output).is_dir():
         raise ConfigError(f"{args.output} is not a directory")
+    pinned = pinned_public_key(args)
     problems = verify_output(args.output, pinned)
     if problems:
         for p in problems:
             print(f"cloakbeam: verify: {p}", file=sys.stderr)
         raise IntegrityError(f"{args.output} failed verification ({len(problems)} problem(s))")
-    print(f"{args.output}: manifest signature, file hashes and row counts verified{note}")
+    print(f"{args.output}: manifest signature (pinned key {fingerprint(pinned)}), file hashes and row counts verified")
     return 0

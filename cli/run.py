@@ -62,6 +62,7 @@ def _common_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", default=None, help="local state directory (default ./.cloakbeam or $CLOAKBEAM_STATE_DIR)")
     p.add_argument("--config", default=None, metavar="FILE", help="YAML config naming state_dir, keys (KMS) and vault (PostgreSQL DSN env var)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in the output directory")
+    p.add_argument("--dev", action="store_true", help="development only: create an UNPROTECTED dev keyring pair in the state dir when none is configured")
     p.add_argument("--dask-address", default=None, help="dask scheduler address (runner dask); without it a LocalCluster is started")
     p.add_argument("--workers", type=int, default=None, help="worker processes for local clusters")
     p.add_argument("--streaming", action="store_true", help="watch --input for new files and protect them per event-time window (docs/runners.md)")
@@ -105,6 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         config=args.config,
         overwrite=args.overwrite,
         runner_options=_runner_options(args),
+        dev=args.dev,
     )
     t0 = time.monotonic()
     manifest = run_pipeline(settings)
@@ -134,6 +136,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         overwrite=True,
         beam_args=args.beam_args,
         progress="always",
+        dev=True,  # the demo is the one command that makes its own development keyring pair
     )
     t0 = time.monotonic()
     manifest = run_pipeline(settings)

@@ -75,7 +75,7 @@ def load_config_file(path: str | None) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must be a YAML mapping")
-    allowed = {"state_dir", "keys", "vault"}
+    allowed = {"state_dir", "keys", "vault", "reveal", "signing_public_key"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ConfigError(f"config file {path}: unknown key '{unknown[0]}'; allowed keys: {', '.join(sorted(allowed))}")

@@ -67,6 +67,15 @@ class CompiledPolicy:
         explicit = [p for p, a in self.actions.items() if a.output_type() is None]
         return sorted(explicit + self.unmentioned)
 
+    def sealing_keys(self) -> set[str]:
+        """Names of the reveal keys the policy's encrypt actions seal to (random mode) plus the default one,
+        which quarantine records and vault originals use."""
+        names = {"default"}
+        for a in self.actions.values():
+            if a.name == "encrypt" and not a.options.get("deterministic"):
+                names.add(str(a.options.get("key") or "default"))
+        return names
+
     def requires(self) -> set[str]:
         """Resources the actions need at run time (for example "vault", "keys")."""
         need: set[str] = set()

@@ -17,15 +17,18 @@ The kernel (`encrypt_column` / `decrypt_column`) is the only place that loops ov
 output from buffers: offsets by numpy cumsum, headers and nonces written by numpy scatter, one `os.urandom`
 draw for all nonces of the call, and one `encrypt_into` per cell writing straight into the output buffer
 (the per-cell AEAD call is the irreducible cost in Python; a native kernel can replace the four loops of
-`PYTHON_KERNEL` through `use_kernel(Kernel(...))` without changing any caller). Nothing here logs, and
-errors name column and row, never content.
+`PYTHON_KERNEL` through `use_kernel(Kernel(...))` without changing any caller). `encrypt_column_keyed` /
+`decrypt_column_keyed` are the multi-key variants (one key per cell, e.g. per data subject), same cell format,
+their per-cell loops also behind the `Kernel` (`gcm_encrypt_keyed`, `gcm_decrypt_keyed`). Nothing here logs,
+and errors name column and row, never content.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -204,17 +207,45 @@ def _siv_decrypt_loop(aead, aad: bytes, data: memoryview, start: np.ndarray, end
     return None
 
 
+def _gcm_encrypt_keyed_loop(aeads: list, aads: list, data: memoryview, start: np.ndarray, end: np.ndarray, out: np.ndarray, cell_start: np.ndarray, key_index: np.ndarray) -> None:
+    """Like `_gcm_encrypt_loop`, with the AEAD object and associated data of each cell chosen by `key_index`."""
+    o = memoryview(out)
+    encs = [a.encrypt_into for a in aeads]
+    for s, ps, pe, k in zip(cell_start.tolist(), start.tolist(), end.tolist(), key_index.tolist()):
+        c = s + GCM_HEADER
+        encs[k](o[s + 1 + KEY_ID_LEN : c], data[ps:pe], aads[k], o[c : c + (pe - ps) + TAG_LEN])
+
+
+def _gcm_decrypt_keyed_loop(aeads: list, aads: list, data: memoryview, start: np.ndarray, end: np.ndarray, out: np.ndarray, plain_start: np.ndarray, rows: np.ndarray, key_index: np.ndarray) -> int | None:
+    """Decrypt GCM cells whose key is chosen per cell; return the row of the first cell failing authentication."""
+    o = memoryview(out)
+    decs = [a.decrypt_into for a in aeads]
+    for s, e, p, r, k in zip(start.tolist(), end.tolist(), plain_start.tolist(), rows.tolist(), key_index.tolist()):
+        c = s + GCM_HEADER
+        try:
+            decs[k](data[s + 1 + KEY_ID_LEN : c], data[c:e], aads[k], o[p : p + (e - c) - TAG_LEN])
+        except InvalidTag:
+            return r
+    return None
+
+
 @dataclass(frozen=True)
 class Kernel:
     """The per-cell inner loops. Each receives the AEAD object, the associated data, the input buffer, the
     cells' start/end offsets, the output buffer and where each cell goes; decrypt loops return the row index
-    of the first cell failing authentication (or None). Replace with `use_kernel` (e.g. a native build)."""
+    of the first cell failing authentication (or None). Replace with `use_kernel` (e.g. a native build).
+
+    The keyed loops (`encrypt_column_keyed` / `decrypt_column_keyed`: one key per cell, chosen by an index into
+    lists of AEAD objects and associated data) default to the Python loops, so a kernel built for the
+    single-key loops only keeps working."""
 
     name: str
     gcm_encrypt: Callable[..., None]
     siv_encrypt: Callable[..., None]
     gcm_decrypt: Callable[..., int | None]
     siv_decrypt: Callable[..., int | None]
+    gcm_encrypt_keyed: Callable[..., None] = _gcm_encrypt_keyed_loop
+    gcm_decrypt_keyed: Callable[..., int | None] = _gcm_decrypt_keyed_loop
 
 
 PYTHON_KERNEL = Kernel("python", _gcm_encrypt_loop, _siv_encrypt_loop, _gcm_decrypt_loop, _siv_decrypt_loop)
@@ -230,6 +261,119 @@ def use_kernel(kernel: Kernel) -> Kernel:
 
 def current_kernel() -> Kernel:
     return _KERNEL
+
+
+def encrypt_column_keyed(
+    arr: pa.Array | pa.ChunkedArray, key_index: np.ndarray, keys: Sequence[Any], *, dataset: str, column: str
+) -> pa.BinaryArray:
+    """Encrypt every non-null cell of `arr` under `keys[key_index[row]]` (random-mode DataKeys, AES-256-GCM).
+
+    Same cell format v1 as `encrypt_column`: each cell carries its own key id in the header and in its
+    associated data, so `decrypt_column` (or `decrypt_column_keyed` for columns with many keys) reads it back.
+    Used for subject-linked columns, where every data subject has a key of its own. Headers and nonces are
+    written with numpy like `encrypt_column` (one `os.urandom` draw per call); the per-cell AEAD call runs in
+    the kernel's `gcm_encrypt_keyed` loop.
+    """
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    n = len(arr)
+    key_index = np.asarray(key_index, dtype=np.int64)
+    if key_index.shape != (n,):
+        raise ValueError(f"column '{column}': key_index must have one entry per row")
+    if any(getattr(k, "deterministic", False) for k in keys):
+        raise ValueError(f"column '{column}': per-row keys must be random-mode (AES-256-GCM) data keys")
+    start, end, data, valid = _plain_view(arr)
+    idx = np.flatnonzero(valid)
+    if len(idx) and (key_index[idx].min() < 0 or key_index[idx].max() >= len(keys)):
+        raise ValueError(f"column '{column}': key_index names a key that was not given")
+    out_len = np.where(valid, end - start + GCM_OVERHEAD, 0)
+    out_offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(out_len, out=out_offsets[1:])
+    total = int(out_offsets[-1])
+    if total > _MAX_BINARY:
+        raise ValueError(f"column '{column}': encrypted batch exceeds 2 GiB; write smaller batches")
+    out = np.empty(total, dtype=np.uint8)
+    cell_start = out_offsets[:-1][idx]
+    kidx = key_index[idx]
+    key_ids = np.frombuffer(b"".join(k.key_id for k in keys), dtype=np.uint8).reshape(len(keys), KEY_ID_LEN) if keys else np.zeros((0, KEY_ID_LEN), np.uint8)
+    header = np.empty((len(idx), GCM_HEADER), dtype=np.uint8)
+    header[:, 0] = CELL_GCM
+    header[:, 1 : 1 + KEY_ID_LEN] = key_ids[kidx]
+    header[:, 1 + KEY_ID_LEN :] = np.frombuffer(os.urandom(NONCE_LEN * len(idx)), dtype=np.uint8).reshape(-1, NONCE_LEN)
+    out[cell_start[:, None] + np.arange(GCM_HEADER)] = header
+    aads = [cell_aad(CELL_GCM, k.key_id, dataset, column) for k in keys]
+    _KERNEL.gcm_encrypt_keyed([k.aead for k in keys], aads, data, start[idx], end[idx], out, cell_start, kidx)
+    return pa.Array.from_buffers(
+        pa.binary(),
+        n,
+        [_validity_buffer(valid), pa.py_buffer(out_offsets.astype(np.int32).tobytes()), pa.py_buffer(out)],
+        null_count=int(n - len(idx)),
+    )
+
+
+def decrypt_column_keyed(
+    arr: pa.Array | pa.ChunkedArray,
+    keys: Mapping[bytes, Any] | Callable[[Sequence[bytes]], Mapping[bytes, Any]],
+    *,
+    dataset: str,
+    column: str,
+    value_type: pa.DataType = pa.binary(),
+    row_offset: int = 0,
+) -> tuple[pa.Array, int]:
+    """Decrypt a column whose cells use many keys (one per subject); return (values, cells without a key).
+
+    `keys` maps key id -> DataKey, or is a function given all distinct key ids of the column at once that
+    returns such a mapping (one vault round trip). Cells whose key does not exist any more (a forgotten
+    subject) come back null and are counted; every other cell must authenticate (IntegrityError naming column
+    and row otherwise). Grouping by key id is one `np.unique`, so the cost does not grow with the number of keys.
+    """
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if not (pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type)):
+        raise IntegrityError(f"column '{column}' is not an encrypted column (type {arr.type})")
+    start, end, data, valid = _plain_view(arr)
+    idx = np.flatnonzero(valid)
+    buf = np.frombuffer(data, dtype=np.uint8) if len(data) else np.zeros(0, dtype=np.uint8)
+    clen = (end - start)[idx]
+    bad = np.flatnonzero(clen < GCM_OVERHEAD)
+    if len(bad):
+        raise IntegrityError(f"column '{column}', row {int(idx[bad[0]]) + row_offset}: cell is truncated")
+    versions = buf[start[idx]]
+    bad = np.flatnonzero(versions != CELL_GCM)
+    if len(bad):
+        raise IntegrityError(f"column '{column}', row {int(idx[bad[0]]) + row_offset}: cell is not a per-subject (AES-256-GCM) cell")
+    kids = buf[start[idx][:, None] + np.arange(1, 1 + KEY_ID_LEN)] if len(idx) else np.zeros((0, KEY_ID_LEN), np.uint8)
+    kid64 = np.ascontiguousarray(kids).view(np.uint64).ravel()
+    uk, first, inv = np.unique(kid64, return_index=True, return_inverse=True)
+    distinct = [kids[i].tobytes() for i in first.tolist()]
+    found = keys(distinct) if callable(keys) else {k: keys[k] for k in distinct if k in keys}
+    have = np.array([k in found for k in distinct], dtype=bool)
+    inv = inv.reshape(-1)
+    keep = have[inv] if len(idx) else np.zeros(0, dtype=bool)
+    missing = int((~keep).sum())
+    out_valid = valid.copy()
+    out_valid[idx[~keep]] = False
+    rows = idx[keep]
+    n = len(arr)
+    plain_len = np.zeros(n, dtype=np.int64)
+    plain_len[rows] = (end - start)[rows] - GCM_OVERHEAD
+    plain_offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(plain_len, out=plain_offsets[1:])
+    out = np.empty(int(plain_offsets[-1]), dtype=np.uint8)
+    if len(rows):
+        slot = np.cumsum(have) - 1  # distinct key -> position among the keys that exist
+        present = [k for k, h in zip(distinct, have.tolist()) if h]
+        aeads = [found[k].aead for k in present]
+        aads = [cell_aad(CELL_GCM, k, dataset, column) for k in present]
+        bad_row = _KERNEL.gcm_decrypt_keyed(aeads, aads, data, start[rows], end[rows], out, plain_offsets[rows], rows, slot[inv[keep]])
+        if bad_row is not None:
+            raise IntegrityError(
+                f"column '{column}', row {bad_row + row_offset}: cell failed authentication (tampered, moved from "
+                "another column, row or dataset, or encrypted under a different key)"
+            )
+    return _rebuild(out, plain_offsets, out_valid, value_type, column, row_offset), missing
 
 
 def cell_key_ids(arr: pa.Array) -> set[bytes]:

@@ -2,9 +2,10 @@
 
 Python API:
 - `decrypt_table(table, key_service, records, columns=...)`: the mechanism only. It checks no role and writes
-  no audit entry; the authorized, audited reveal path is `cloakbeam.vault.reveal.decrypt_output`.
+  no audit entry; the authorized, audited reveal path is the reveal service (`cloakbeam.vault.service`).
 - `rewrap_output(dir, key_service)`: re-wrap every DEK recorded in the output's Parquet metadata and manifest
-  under the newest KEK version; cells are not re-encrypted (the Parquet footers are rewritten, the manifest's
+  under the newest KEK version (sealed DEKs: reseal their batch key to the newest reveal key version, which needs
+  the reveal keyring attached to the key service); cells are not re-encrypted (the Parquet footers are rewritten, the manifest's
   file hashes updated and the manifest re-signed).
 
 Errors name file, column and row index, never a value.
@@ -95,13 +96,43 @@ def manifest_near(base: Path) -> dict[str, Any] | None:
     return None
 
 
-def decrypt_table(table: pa.Table, key_service: Any, records: Sequence[dict[str, Any]], *, columns: Sequence[str] | None = None, source: str = "") -> pa.Table:
-    """Decrypt the encrypted columns of `table` (all, or those in `columns`). No authorization here:
-    callers outside the keys layer must go through `cloakbeam.vault.reveal.decrypt_output`, which checks the role policy."""
+def decrypt_table(
+    table: pa.Table,
+    key_service: Any,
+    records: Sequence[dict[str, Any]],
+    *,
+    columns: Sequence[str] | None = None,
+    source: str = "",
+    subject_keys: Any = None,
+    unreadable: dict[str, int] | None = None,
+) -> pa.Table:
+    """Decrypt the encrypted columns of `table` (all, or those in `columns`). No authorization here: the reveal
+    service (cloakbeam.vault.service) checks grants and audits before it calls this.
+
+    Subject-linked columns (`subject` in their action metadata) use one key per subject: `subject_keys(ids)`
+    returns {key id: DataKey} for the ids that still exist (the vault's column keys); cells of forgotten subjects
+    come back null and are counted in `unreadable[column]`."""
+    from cloakbeam.keys.cells import decrypt_column_keyed
+
     enc = encrypted_columns(table.schema)
     wanted = set(enc) if columns is None else set(columns)
     dataset = ((table.schema.metadata or {}).get(b"cloakbeam.dataset") or b"default").decode()
     lookup = key_service.key_lookup(records)
+
+    def keyed(ids: Sequence[bytes]) -> dict[bytes, Any]:
+        found: dict[bytes, Any] = {}
+        rest = []
+        for kid in ids:
+            key = lookup(kid) if kid.hex() in by_id else None
+            if key is not None:
+                found[kid] = key
+            else:
+                rest.append(kid)
+        if rest and subject_keys is not None:
+            found.update(subject_keys(rest))
+        return found
+
+    by_id = {str(r.get("key_id")) for r in records}
     where = f"{source}: " if source else ""
 
     def rebuild(prefix: str, f: pa.Field, arr: pa.Array) -> tuple[pa.Field, pa.Array]:
@@ -116,7 +147,12 @@ def decrypt_table(table: pa.Table, key_service: Any, records: Sequence[dict[str,
             return f, arr
         t = _type_from_name(str(enc[path].get("type", "binary")))
         try:
-            plain = decrypt_column(arr, lookup, dataset=dataset, column=path, value_type=t)
+            if enc[path].get("subject"):
+                plain, missing = decrypt_column_keyed(arr, keyed, dataset=dataset, column=path, value_type=t)
+                if unreadable is not None:
+                    unreadable[path] = unreadable.get(path, 0) + missing
+            else:
+                plain = decrypt_column(arr, lookup, dataset=dataset, column=path, value_type=t)
         except (IntegrityError, KeyAccessError) as exc:
             raise type(exc)(f"{where}{exc}") from None
         meta = dict(f.metadata or {})
@@ -215,7 +251,12 @@ def rewrap_output(out_dir: str | Path, key_service: Any) -> dict[str, int]:
         raise ConfigError(f"{d} records no wrapped data keys; nothing to rewrap")
     newest = {}
     rewrapped: dict[str, dict[str, Any]] = {}
+    from cloakbeam.keys.sealing import is_sealed
+
     for r in records:
+        if is_sealed(r):  # resealed to the newest reveal key version (needs the reveal keyring)
+            rewrapped[r["key_id"]] = key_service.rewrap_record(r)
+            continue
         kek = r["kek"]
         if kek not in newest:
             newest[kek] = key_service.newest_kek_version(kek)

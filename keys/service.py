@@ -8,9 +8,11 @@ Key hierarchy (docs/keys-and-encryption.md):
 
     KMS / keyring  --  KEK (named, versioned; "default" always exists)
                          |-- wraps the PRF root secret   -> prf_key(purpose) = HKDF(root, purpose)   [stable]
-                         |-- wraps the Ed25519 manifest signing key
-                         `-- wraps data keys (DEKs): random AES-256-GCM DEK per (run, column, worker process),
-                             or a deterministic AES-256-SIV DEK per (dataset, column) derived from the root
+                         `-- wraps deterministic AES-256-SIV DEKs per (dataset, column) derived from the root
+    KEK "signing" (its own KEK: in a KMS, only the launcher may decrypt it) -- wraps the Ed25519 manifest key
+    reveal public key (X25519, in clear) -- seals one random batch key per process (keys/sealing.py), and the
+                         batch key wraps the random AES-256-GCM DEKs per (run, column, worker process) and the
+                         quarantine DEKs. Only the reveal service's keyring can unseal them.
 
 Interface used by the other layers (keep it stable):
 - `prf_key(purpose) -> bytes`: a 32-byte key, the same on every worker, run and retry for the same keyring
@@ -22,6 +24,9 @@ Interface used by the other layers (keep it stable):
   (`pq.ParquetWriter.add_key_value_metadata(...)` just before `close()`), and the launcher puts
   `keys_manifest_section(ref, records)` into the manifest under "keys" (records merged from every worker).
 - `seal(...)` / `open_sealed(...)`: self-contained envelope for quarantine records (keys/quarantine.py).
+- `seal_batch(name)`: the process's current sealed batch key for reveal key `name` (the vault wraps its DEKs
+  under it). `attach_reveal(reveal_keys)` lets the reveal service open sealed records; without it, opening a
+  sealed record raises KeyAccessError: the pipeline cannot open what it wrote.
 """
 
 from __future__ import annotations
@@ -89,6 +94,7 @@ class _ProcessDeks:
         self.active: dict[tuple[str, str, str, bool, str | None], _Entry] = {}
         self.records: dict[str, dict[str, Any]] = {}  # key id hex -> wrapped record
         self.unwrapped: dict[str, DataKey] = {}
+        self.seals: dict[str, Any] = {}  # reveal key name -> current SealBatch
         self.kms_calls = 0
 
 
@@ -96,7 +102,7 @@ _PROCESS: dict[tuple[KeyRef, str], _ProcessDeks] = {}
 _PROCESS_LOCK = threading.Lock()
 
 
-_BOUND_FIELDS = ("key_id", "alg", "dataset", "column", "kek", "kek_version", "wrapped", "provider")
+_BOUND_FIELDS = ("key_id", "alg", "dataset", "column", "kek", "kek_version", "wrapped", "provider", "seal")
 
 
 def _dek_aad(record: dict[str, Any]) -> bytes:
@@ -131,6 +137,7 @@ class KeyService:
         self._root = self._unwrap_secret("root", 32)
         self._signing: Ed25519PrivateKey | None = None
         self._prf_cache: dict[str, bytes] = {}
+        self._reveal: Any = None  # RevealKeys, attached by the reveal service only
 
     def __reduce__(self):  # noqa: D105
         raise TypeError("KeyService holds key material and cannot be pickled; pickle its KeyRef instead")
@@ -204,7 +211,8 @@ class KeyService:
             entry = _Entry(key=key, created=now, uses=uses)
             self._state.active[slot] = entry
             self._state.records[key.key_id.hex()] = key.record
-            self._state.unwrapped[key.key_id.hex()] = key
+            if deterministic:  # a sealed key is never cached for decryption: the pipeline cannot open it
+                self._state.unwrapped[key.key_id.hex()] = key
         return key
 
     def _new_data_key(self, dataset: str, column: str, deterministic: bool, kek: str) -> DataKey:
@@ -212,17 +220,61 @@ class KeyService:
             info = json.dumps(["siv", kek, dataset, column]).encode()
             material = HKDF(algorithm=hashes.SHA256(), length=64, salt=None, info=b"cloakbeam/dek/" + info).derive(self._root)
             key_id = HKDF(algorithm=hashes.SHA256(), length=8, salt=None, info=b"cloakbeam/dek-id/" + info).derive(self._root)
-            alg = ALG_SIV
-        else:
-            material = os.urandom(32)
-            key_id = os.urandom(8)
-            alg = ALG_GCM
-        record: dict[str, Any] = {"key_id": key_id.hex(), "alg": alg, "dataset": dataset, "column": column, "provider": self.ref.provider, "kek": kek}
+            record: dict[str, Any] = {"key_id": key_id.hex(), "alg": ALG_SIV, "dataset": dataset, "column": column, "provider": self.ref.provider, "kek": kek}
+            with self._state.lock:
+                self._state.kms_calls += 1
+            version, wrapped = self._provider.wrap(kek, material, _dek_aad(record))
+            record.update({"kek_version": version, "wrapped": _kr.b64e(wrapped), "created": _kr.now_iso()})
+            return DataKey(key_id, True, _aead_for(ALG_SIV, material), record)
+        # Random mode: wrapped under the process's sealed batch key for reveal key `kek` (keys/sealing.py).
+        material = os.urandom(32)
+        key_id = os.urandom(8)
+        batch = self.seal_batch(kek)
+        record = {"key_id": key_id.hex(), "alg": ALG_GCM, "dataset": dataset, "column": column, "provider": "sealed", "seal": dict(batch.record)}
+        record.update({"wrapped": _kr.b64e(batch.wrap(material, _dek_aad(record))), "created": _kr.now_iso()})
+        return DataKey(key_id, False, _aead_for(ALG_GCM, material), record)
+
+    # -- sealing (keys/sealing.py) --------------------------------------------------------------------
+    def reveal_public_key(self, name: str = "default") -> tuple[int, bytes]:
+        """(version, raw X25519 public key) of reveal key `name`, as recorded in the keyring (not secret)."""
+        entry = (self._doc.get("reveal_public_keys") or {}).get(name)
+        if not entry:
+            raise KeyAccessError(
+                f"keyring {self.ref.path} has no reveal public key '{name}'; add it with "
+                f"'cloakbeam keys set-reveal-key --name {name} REVEAL_KEYRING_OR_BASE64' (from 'cloakbeam keys init-reveal' on the reveal service)"
+            )
+        return int(entry["version"]), _kr.b64d(entry["public_key"])
+
+    def seal_batch(self, name: str = "default") -> Any:
+        """The process's current sealed batch key for reveal key `name`: one HPKE seal per TTL / usage limit."""
+        from cloakbeam.keys.sealing import new_seal_batch
+
+        now = time.monotonic()
         with self._state.lock:
-            self._state.kms_calls += 1
-        version, wrapped = self._provider.wrap(kek, material, _dek_aad(record))
-        record.update({"kek_version": version, "wrapped": _kr.b64e(wrapped), "created": _kr.now_iso()})
-        return DataKey(key_id, deterministic, _aead_for(alg, material), record)
+            batch = self._state.seals.get(name)
+            if batch is not None and now - batch.created < self._ttl and batch.uses < self._max_uses:
+                batch.uses += 1
+                return batch
+        version, pub = self.reveal_public_key(name)
+        batch = new_seal_batch(pub, name, version, created=now)
+        batch.uses = 1
+        with self._state.lock:
+            self._state.seals[name] = batch
+        return batch
+
+    @property
+    def reveal_keys(self) -> Any:
+        """The attached reveal keyring (RevealKeys) or None: the pipeline never has one."""
+        return self._reveal
+
+    def attach_reveal(self, reveal_keys: Any) -> None:
+        """Give this service the reveal keyring (reveal service only): sealed records can then be opened."""
+        self._reveal = reveal_keys
+
+    def require_reveal_keys(self, names: Iterable[str]) -> None:
+        """Fail (KeyAccessError) unless the keyring has a reveal public key for every name."""
+        for name in sorted(set(names)):
+            self.reveal_public_key(name)
 
     def wrapped_keys_used(self) -> list[dict[str, Any]]:
         """Wrapped records (no key material) of every DEK this process made or used for this keyring, sorted."""
@@ -243,6 +295,22 @@ class KeyService:
         # is unwrapped again and fails its AAD check.
         if hit is not None and all(str(hit.record.get(f)) == str(record.get(f)) for f in _BOUND_FIELDS):
             return hit
+        from cloakbeam.keys.sealing import is_sealed, not_held_error
+
+        if is_sealed(record):
+            if self._reveal is None:
+                raise not_held_error(f"data key {kid or '?'}", record.get("seal"))
+            try:
+                wrapped = _kr.b64d(record["wrapped"])
+                key_id = bytes.fromhex(kid)
+                alg = record["alg"]
+            except Exception:
+                raise KeyAccessError(f"wrapped key record {kid or '?'} is malformed") from None
+            material = self._reveal.unwrap(record["seal"], wrapped, _dek_aad(record))
+            key = DataKey(key_id, alg == ALG_SIV, _aead_for(alg, material), dict(record))
+            with self._state.lock:
+                self._state.unwrapped[kid] = key
+            return key
         try:
             alg = record["alg"]
             wrapped = _kr.b64d(record["wrapped"])
@@ -270,7 +338,15 @@ class KeyService:
         return lookup
 
     def rewrap_record(self, record: dict[str, Any]) -> dict[str, Any]:
-        """The same DEK wrapped under the newest version of its KEK (the data is not touched)."""
+        """The same DEK wrapped under the newest version of its KEK (the data is not touched); a sealed DEK
+        is resealed to the newest version of its reveal key (needs the reveal keyring, `attach_reveal`)."""
+        from cloakbeam.keys.sealing import is_sealed, not_held_error
+
+        if is_sealed(record):
+            if self._reveal is None:
+                raise not_held_error(f"data key {record.get('key_id', '?')}", record.get("seal"))
+            new_seal = self._reveal.reseal(record["seal"])
+            return record if new_seal == record["seal"] else dict(record, seal=new_seal, rewrapped=_kr.now_iso())
         try:
             wrapped_old = _kr.b64d(record["wrapped"])
         except Exception:
@@ -471,6 +547,15 @@ def make_provider(ref: KeyRef, doc: dict[str, Any]) -> Any:
     return kms.make_provider(ref, doc)
 
 
+def signing_kek_name(provider: str, params: dict[str, str] | None = None) -> str:
+    """The KEK that wraps the manifest signing key: its own KEK ("signing"), apart from the data KEKs, so a
+    KMS policy can give decrypt permission on it to the launcher alone. gcp-kms needs `key.signing` for that
+    (without it the signing key shares the "default" CryptoKey)."""
+    if provider == "gcp-kms" and not (params or {}).get("key.signing"):
+        return DEFAULT_KEK
+    return "signing"
+
+
 def init_keyring(
     path: str | Path,
     *,
@@ -479,8 +564,13 @@ def init_keyring(
     env: str | None = None,
     scrypt_n: int = _kr.DEFAULT_SCRYPT_N,
     params: dict[str, str] | None = None,
+    reveal_public_keys: dict[str, dict[str, Any]] | None = None,
 ) -> KeyRef:
-    """Create a new keyring file at `path` (refuses to overwrite). Returns the KeyRef that opens it."""
+    """Create a new pipeline keyring at `path` (refuses to overwrite). Returns the KeyRef that opens it.
+
+    `reveal_public_keys` ({name: {version, public_key}}, from `sealing.read_reveal_public_keys`) are the keys
+    the pipeline seals to; without them the keyring can tokenize and pseudonymize but not encrypt or seal.
+    """
     p = Path(path)
     if p.exists():
         raise ConfigError(f"keyring {p} already exists; use 'cloakbeam keys rotate' to add a key version")
@@ -495,18 +585,22 @@ def init_keyring(
         "protection": _kr.new_protection(protection if provider == "local" else "dev", env, scrypt_n) if provider == "local" else {"mode": "kms"},
         "keks": {},
         "secrets": {},
+        "reveal_public_keys": dict(reveal_public_keys or {}),
     }
     if provider != "local":
         doc["dev"] = False
     prov = make_provider(ref, doc)
     prov.rotate(DEFAULT_KEK)  # KEK 'default' version 1 (a KMS provider may adopt an existing key)
+    sign_kek = signing_kek_name(provider, params)
+    if sign_kek != DEFAULT_KEK:
+        prov.rotate(sign_kek)
     signing = Ed25519PrivateKey.generate()
     from cryptography.hazmat.primitives import serialization
 
     raw_signing = signing.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
-    for name, secret in (("root", os.urandom(32)), ("signing", raw_signing)):
-        v, wrapped = prov.wrap(DEFAULT_KEK, secret, _secret_aad(name))
-        doc["secrets"][name] = {"kek": DEFAULT_KEK, "kek_version": v, "wrapped": _kr.b64e(wrapped)}
+    for name, secret, kek in (("root", os.urandom(32), DEFAULT_KEK), ("signing", raw_signing, sign_kek)):
+        v, wrapped = prov.wrap(kek, secret, _secret_aad(name))
+        doc["secrets"][name] = {"kek": kek, "kek_version": v, "wrapped": _kr.b64e(wrapped)}
     doc["signing_public_key"] = _kr.b64e(
         signing.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     )
@@ -514,17 +608,44 @@ def init_keyring(
     return ref
 
 
-def ensure_local_keyring(path: str | Path) -> bool:
-    """Create an unprotected development keyring (`dev: true`, mode 0600) at `path` if absent.
+def set_reveal_public_keys(ref: KeyRef, keys: dict[str, dict[str, Any]]) -> None:
+    """Record (add or replace) reveal public keys in a pipeline keyring; no secret is touched."""
+    if not ref.path:
+        raise ConfigError("no keyring path")
+    doc = _kr.read_keyring_file(ref.path)
+    if doc.get("purpose") == "reveal":
+        raise ConfigError(f"{ref.path} is a reveal keyring; set reveal keys on the pipeline keyring")
+    doc.setdefault("reveal_public_keys", {}).update(keys)
+    _kr.write_keyring_file(ref.path, doc)
 
-    Returns True when it was created. For real data use `cloakbeam keys init --protect passphrase|env-key`.
+
+def dev_reveal_keyring_path(path: str | Path) -> Path:
+    """Where a development keyring's reveal keyring lives (beside it; never do this with real data)."""
+    p = Path(path)
+    return p.with_name("reveal-" + p.name)
+
+
+def ensure_local_keyring(path: str | Path) -> bool:
+    """Create an unprotected development keyring pair at `path` if absent: the pipeline keyring (`dev: true`,
+    mode 0600) and, beside it, a development reveal keyring whose public key the pipeline keyring seals to.
+
+    Returns True when it was created. Only `--dev` runs and the demo call this; for real data use
+    `cloakbeam keys init-reveal` on the reveal service and `cloakbeam keys init --reveal-key ...` for the pipeline.
     """
+    from cloakbeam.keys.sealing import init_reveal_keyring, read_reveal_public_keys
+
     p = Path(path)
     if p.exists():
         return False
+    reveal = dev_reveal_keyring_path(p)
     try:
-        init_keyring(p, protection="dev")
-    except FileExistsError:  # another process created it concurrently
+        if not reveal.exists():
+            init_reveal_keyring(reveal, protection="dev")
+    except ConfigError:  # another process created it concurrently
+        pass
+    try:
+        init_keyring(p, protection="dev", reveal_public_keys=read_reveal_public_keys(str(reveal)))
+    except (FileExistsError, ConfigError):  # another process created it concurrently
         return False
     return True
 
@@ -534,6 +655,8 @@ def open_key_service(ref: KeyRef) -> KeyService:
     if not ref.path:
         raise KeyAccessError(f"the '{ref.provider}' key provider needs a keyring path")
     doc = _kr.read_keyring_file(ref.path)
+    if doc.get("purpose") == "reveal":
+        raise KeyAccessError(f"{ref.path} is a reveal keyring; only the reveal service opens it (as 'reveal_keys'), the pipeline uses its own keyring")
     if doc.get("provider", "local") != ref.provider:
         raise KeyAccessError(f"keyring {ref.path} belongs to provider '{doc.get('provider')}', not '{ref.provider}'")
     return KeyService(ref, make_provider(ref, doc), doc)

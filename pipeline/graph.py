@@ -51,6 +51,7 @@ class RunSettings:
     overwrite: bool = False
     progress: bool | str = True
     runner_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"dask_address": ..., "workers": 2}
+    dev: bool = False  # create an unprotected development keyring pair when none is configured (demo, --dev)
 
 
 @dataclass
@@ -78,17 +79,17 @@ def prepare(settings: RunSettings) -> PreparedRun:
     vault = vault_ref_from(config, state)
     out_dir = settings.output if not fsio.is_local(settings.output) else os.path.abspath(settings.output)
     _prepare_output(out_dir, settings.overwrite, resume=bool(settings.runner_options.get("streaming")))
-    if keys.provider == "local":
-        from cloakbeam.keys.service import ensure_local_keyring
-
-        if ensure_local_keyring(keys.path):
-            print(f"cloakbeam: created a development keyring at {keys.path} (use a KMS in production)", file=__import__("sys").stderr)
+    _ensure_keys(keys, settings.dev)
     runtime = RuntimeConfig(run_id=new_run_id(), dataset_id=policy.dataset, state_dir=str(state), keys=keys, vault=vault)
     # Fail at construction, not mid-run, when keys cannot be opened.
     from cloakbeam.keys.service import open_key_service
 
     try:
-        open_key_service(keys).close()
+        ks = open_key_service(keys)
+        try:  # every reveal key the policy seals to must be in the keyring (keys/sealing.py)
+            ks.require_reveal_keys(policy.sealing_keys())
+        finally:
+            ks.close()
     except KeyAccessError as exc:
         raise ConfigError(str(exc)) from None
     if "vault" in policy.requires():  # token vault reachable before any data moves (vault issue)
@@ -100,6 +101,21 @@ def prepare(settings: RunSettings) -> PreparedRun:
     check_runner_compatibility(settings.runner, runtime, settings.runner_options, output=out_dir)
     stats_path = fsio.join(out_dir, STATS_DIR, f"{runtime.run_id}.stats")
     return PreparedRun(settings, policy, runtime, out_dir, stats_path)
+
+
+def _ensure_keys(keys: Any, dev: bool) -> None:
+    """No silent dev keyring: a missing local keyring is created only for `--dev` runs and the demo."""
+    if keys.provider != "local" or not keys.path or os.path.exists(keys.path):
+        return
+    if not dev:
+        raise ConfigError(
+            f"no keyring at {keys.path}: create one with 'cloakbeam keys init --reveal-key ...' (or configure a KMS in --config), "
+            "or pass --dev for an UNPROTECTED development keyring"
+        )
+    from cloakbeam.keys.service import ensure_local_keyring
+
+    if ensure_local_keyring(keys.path):
+        print(f"cloakbeam: created an UNPROTECTED development keyring pair at {keys.path} (--dev; never for real data)", file=__import__("sys").stderr)
 
 
 def _check_inputs(patterns: Sequence[str]) -> None:

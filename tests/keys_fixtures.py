@@ -11,12 +11,39 @@ logging.getLogger("cloakbeam.keys").setLevel(logging.ERROR)
 
 
 def dev_keyring(tmp_path: Path, name: str = "keyring.json", **params: str) -> KeyRef:
-    """An unprotected dev keyring (fast); extra KeyRef params such as dek_max_uses."""
-    ref = init_keyring(tmp_path / name, protection="dev")
+    """An unprotected dev keyring pair (fast): the pipeline keyring, and beside it the reveal keyring it seals
+    to (`dev_reveal_keyring_path`); extra KeyRef params such as dek_max_uses."""
+    from cloakbeam.keys.sealing import init_reveal_keyring, read_reveal_public_keys
+    from cloakbeam.keys.service import dev_reveal_keyring_path
+
+    reveal = dev_reveal_keyring_path(tmp_path / name)
+    init_reveal_keyring(reveal, protection="dev")
+    ref = init_keyring(tmp_path / name, protection="dev", reveal_public_keys=read_reveal_public_keys(str(reveal)))
     return KeyRef(provider="local", path=ref.path, params=tuple(sorted(params.items())))
 
 
+def reveal_ref(ref: KeyRef) -> KeyRef:
+    """The reveal keyring of a dev keyring pair."""
+    from cloakbeam.keys.service import dev_reveal_keyring_path
+
+    return KeyRef(provider="local", path=str(dev_reveal_keyring_path(ref.path or "")))
+
+
+def with_reveal(ks: KeyService) -> KeyService:
+    """Attach the dev pair's reveal keyring: the reveal service's view (can open sealed keys)."""
+    from cloakbeam.keys.sealing import open_reveal_keys
+
+    ks.attach_reveal(open_reveal_keys(reveal_ref(ks.ref)))
+    return ks
+
+
 def open_dev(tmp_path: Path, **params: str) -> KeyService:
+    """A dev key service with its reveal keyring attached (round trips in one process)."""
+    return with_reveal(open_key_service(dev_keyring(tmp_path, **params)))
+
+
+def open_pipeline_dev(tmp_path: Path, **params: str) -> KeyService:
+    """A dev key service as the pipeline holds it: no reveal keyring."""
     return open_key_service(dev_keyring(tmp_path, **params))
 
 
@@ -31,11 +58,25 @@ def all_key_bytes(ks: KeyService) -> list[bytes]:
         for v in versions:
             if v.get("material"):
                 out.append(prov._open(name, v["version"], v["material"]))
+    from cloakbeam.keys.sealing import is_sealed, open_reveal_keys
     from cloakbeam.keys.service import _dek_aad
 
+    reveal = open_reveal_keys(reveal_ref(ks.ref))
     for rec in ks.wrapped_keys_used():
-        out.append(prov.unwrap(rec["kek"], rec["kek_version"], kr.b64d(rec["wrapped"]), _dek_aad(rec)))
-    return out
+        if is_sealed(rec):
+            out.append(reveal.unwrap(rec["seal"], kr.b64d(rec["wrapped"]), _dek_aad(rec)))
+            out.append(kr.b64d(rec["seal"]["sealed"])[-48:])  # (ciphertext of the batch key; never equals a key)
+        else:
+            out.append(prov.unwrap(rec["kek"], rec["kek_version"], kr.b64d(rec["wrapped"]), _dek_aad(rec)))
+    for batch in ks._state.seals.values():  # the process's batch keys: never in a pickle or a log either
+        out.append(_batch_raw(reveal, batch.record))
+    return [x for x in out if x]
+
+
+def _batch_raw(reveal, seal) -> bytes:
+    from cloakbeam.keys.sealing import _batch_key_bytes
+
+    return _batch_key_bytes(reveal, seal, reveal.batch_aead(seal))
 
 
 # -- loopback KMS servers (real HTTP on 127.0.0.1; they implement only the endpoints cloakbeam uses) --------
@@ -215,3 +256,33 @@ class _GcpHandler(_Handler):
             st.versions[v]["state"] = "DESTROY_SCHEDULED"
             return self._send(200, {"name": name, "state": "DESTROY_SCHEDULED"})
         return err(404, "NOT_FOUND", "not found")
+
+
+def reveal_tables(out_dir: Path, ref: KeyRef, vault_ref: dict | None = None, columns: list[str] | None = None) -> list:
+    """What the reveal service decrypts from an output (the mechanism, without HTTP, grants or audit)."""
+    import pyarrow as pa
+
+    from cloakbeam.vault.reveal import decrypt_parquet, encrypted_targets, manifest_records, parquet_file
+    from cloakbeam.vault.store import open_vault
+
+    ks = with_reveal(open_key_service(ref))
+    vault = open_vault(vault_ref, ks) if vault_ref else None
+    records = manifest_records(str(out_dir))
+    tables = []
+    for f in sorted((Path(out_dir) / "data").rglob("*.parquet")):
+        pf = parquet_file(str(f))
+        parts = [t for t, _ in decrypt_parquet(pf, ks, vault, encrypted_targets(pf.schema_arrow, columns), records)]
+        tables.append(pa.concat_tables(parts))
+    return tables
+
+
+def reveal_quarantine(out_dir: Path, ks: KeyService, dataset: str) -> list[bytes]:
+    """Raw records of every sealed quarantine entry of an output, opened as the reveal service does."""
+    import base64
+
+    from cloakbeam.vault.reveal import open_quarantine_lines
+
+    out = []
+    for f in sorted((Path(out_dir) / "quarantine").rglob("*.jsonl")):
+        out.extend(base64.b64decode(e["record_base64"]) for e in open_quarantine_lines(f.read_bytes().splitlines(), ks, dataset))
+    return out

@@ -29,6 +29,7 @@ def run_reference(inputs: list[str], out: Path, state: Path, runner: str, runner
 
     return run_pipeline(
         RunSettings(
+            dev=True,
             inputs=inputs,
             schema=str(SCHEMA),
             policy=str(POLICY),

@@ -119,6 +119,16 @@ def keyring(tmp_path: Path) -> Any:
     return KeyRef(provider="local", path=str(path))
 
 
+def service_keys(ref: Any) -> Any:
+    """The reveal service's view of a dev keyring pair: the pipeline keyring plus its reveal keyring attached."""
+    from cloakbeam.keys.sealing import open_reveal_keys
+    from cloakbeam.keys.service import KeyRef, dev_reveal_keyring_path, open_key_service
+
+    ks = open_key_service(ref)
+    ks.attach_reveal(open_reveal_keys(KeyRef(path=str(dev_reveal_keyring_path(ref.path)))))
+    return ks
+
+
 @pytest.fixture
 def pg_ref(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """A vault reference to the fresh PostgreSQL database (DSN in an environment variable, as in production)."""

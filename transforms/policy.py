@@ -136,6 +136,10 @@ def _compile(raw: dict[str, Any], schema: InputSchema, source: str, text: str | 
     # Keep the schema's field order.
     policy.actions = {p: leaf_actions[p] for p in schema.leaf_paths if p in leaf_actions}
     policy.unmentioned = [p for p in schema.leaf_paths if p not in leaf_actions]
+    for action in policy.actions.values():  # cross-field checks (e.g. a `subject:` field must exist)
+        check = getattr(action, "check_schema", None)
+        if check is not None:
+            check(schema)
 
     # Every section compiler runs, with None when its section is absent, so a section can enforce defaults
     # (classification fails closed even when the policy says nothing about it). A compiler may return None.

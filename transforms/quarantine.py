@@ -21,8 +21,8 @@ QUARANTINE_DIR = "quarantine"
 
 def protect_raw_record(rej: Rejected, keys: Any, dataset_id: str) -> dict[str, Any]:
     """The stored form of a rejected record's bytes: sealed with the envelope scheme (AES-256-GCM under a
-    KEK-wrapped data key, bound to dataset and source location; see cloakbeam.keys.quarantine) — the raw
-    bytes never reach the quarantine file in plaintext; authorized roles read them with `read_quarantine`."""
+    data key sealed to the reveal key, bound to dataset and source location; see cloakbeam.keys.quarantine) — the raw
+    bytes never reach the quarantine file in plaintext; only the reveal service opens them (keys/sealing.py)."""
     import base64
 
     from cloakbeam.keys.quarantine import seal_quarantine_record

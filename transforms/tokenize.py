@@ -10,7 +10,10 @@ domain share tokens, so joins keep working); `prefix` (opaque only); `keep_last`
 `normalize` none|trim|lower|digits (default trim, digits for the digits format) - the vault stores and
 detokenization returns the normalized value; `ttl_days` (tokens stop detokenizing after this); `subject`
 (path of an input field naming the data subject, may be the field itself; entries of one subject share a data key so
-`cloakbeam vault forget --subject` shreds them together).
+`cloakbeam vault forget --subject` shreds them together); `salt: subject` (opaque format, needs `subject`): each
+subject's tokens are salted with a random per-subject salt kept in the vault, so after `vault forget --subject`
+nobody (not even a keyring holder who guesses the value) can recompute the token and link old rows to the value;
+the price is that equal values of different subjects get different tokens (no joins across subjects).
 
 The action works on whole columns: it dictionary-encodes the column, tokenizes each distinct value once
 (the vault caches confirmed tokens per worker), and `take`s the tokens back into place. Nulls stay null.
@@ -73,6 +76,7 @@ class Tokenize(Action):
         "normalize": Param(str, choices=NORMALIZERS, doc="normalization before tokenizing"),
         "ttl_days": Param((int, float), check=_ttl, doc="tokens stop detokenizing after this many days"),
         "subject": Param(str, doc="linked field naming the data subject (erasure unit)"),
+        "salt": Param(str, choices=("subject",), doc="salt tokens per subject (erasure of linkage; no joins across subjects)"),
     }
 
     def configure(self) -> None:
@@ -93,7 +97,18 @@ class Tokenize(Action):
             kind=kind, prefix=o["prefix"] or "tok_", keep_last=o["keep_last"] or 0, luhn=bool(o["luhn"])
         )
         ttl = max(1, round(o["ttl_days"] * 86400)) if o["ttl_days"] else None
-        self.domain = Domain(o["domain"], fmt, o["normalize"], ttl)
+        if o["salt"] is not None:
+            if kind != "opaque":
+                raise self.fail("'salt: subject' works with 'format: opaque' only (a salted digits token would change length)")
+            if o["subject"] is None:
+                raise self.fail("'salt: subject' needs 'subject: FIELD' naming the data subject")
+        self.domain = Domain(o["domain"], fmt, o["normalize"], ttl, salted=o["salt"] is not None)
+
+    def check_schema(self, schema: Any) -> None:
+        """The subject field must be a leaf of the input schema (called by the policy compiler)."""
+        subject = self.options["subject"]
+        if subject is not None and (subject not in schema.fields or schema.fields[subject].is_record):
+            raise self.fail(f"subject field '{subject}' is not a leaf field of the schema; name the field holding the subject id")
 
     def output_type(self) -> pa.DataType:
         return pa.string()
@@ -106,6 +121,8 @@ class Tokenize(Action):
             column = pc.cast(column, pa.string())
         if len(column) == 0 or column.null_count == len(column):
             return pa.nulls(len(column), pa.string())
+        if self.domain.salted:
+            column = self._salted(column, columns, ctx)
         enc = pc.dictionary_encode(column)
         indices = enc.indices
         norm = normalize(enc.dictionary, self.domain.normalize)
@@ -130,8 +147,24 @@ class Tokenize(Action):
         ctx.count(f"tokenize.{path}.distinct", len(distinct))
         return pc.take(dict_tokens, indices)
 
-    def _subjects(self, indices: pa.Array, dict_to_slot: np.ndarray, n: int, columns: Mapping[str, pa.Array]) -> list[str | None]:
-        """Subject id of each distinct value: the subject field at the value's first row in this batch."""
+    def _salted(self, column: pa.Array, columns: Mapping[str, pa.Array], ctx: ActionContext) -> pa.Array:
+        """salt(subject) hex || separator || normalized value, per row; rows without a subject are rejected."""
+        from cloakbeam.vault.store import SALT_SEPARATOR
+
+        enc = pc.dictionary_encode(column)
+        norm = pc.take(pa.array(normalize(enc.dictionary, self.domain.normalize), pa.string()), enc.indices)
+        subj = self._subject_column(columns)
+        senc = pc.dictionary_encode(pc.utf8_trim_whitespace(subj))
+        names = senc.dictionary.to_pylist()
+        salts = ctx.vault.subject_salts(names) if names else []
+        salt_hex = pa.array([s.hex() if n else None for s, n in zip(salts, names)], pa.string())
+        salted = pc.binary_join_element_wise(pc.take(salt_hex, senc.indices), norm, SALT_SEPARATOR)
+        missing = pc.and_(pc.is_valid(column), pc.is_null(salted)).to_numpy(zero_copy_only=False)
+        if missing.any():
+            ctx.reject_rows(missing, "missing_subject", self.field.path)
+        return salted
+
+    def _subject_column(self, columns: Mapping[str, pa.Array]) -> pa.Array:
         name = self.options["subject"]
         if name not in columns:
             raise ConfigError(f"field '{self.field.path}' (action 'tokenize'): subject field '{name}' is not in the input")
@@ -140,6 +173,11 @@ class Tokenize(Action):
             subj = subj.combine_chunks()
         if not (pa.types.is_string(subj.type) or pa.types.is_large_string(subj.type)):
             subj = pc.cast(subj, pa.string())
+        return subj
+
+    def _subjects(self, indices: pa.Array, dict_to_slot: np.ndarray, n: int, columns: Mapping[str, pa.Array]) -> list[str | None]:
+        """Subject id of each distinct value: the subject field at the value's first row in this batch."""
+        subj = self._subject_column(columns)
         idx = indices.to_numpy(zero_copy_only=False)
         valid = ~np.asarray(indices.is_null().to_numpy(zero_copy_only=False), dtype=bool)
         rows = np.nonzero(valid)[0]

@@ -1,14 +1,13 @@
-"""Token vault: convergent tokens, encrypted originals, SQLite and PostgreSQL backends.
+"""Token vault: convergent tokens, sealed originals, SQLite and PostgreSQL backends, and the reveal service.
 
 Public API: `open_vault(ref, key_service) -> Vault` (see `cloakbeam.vault.store`), `Domain`, `TokenFormat`,
-`VaultAccess` (role-checked, audited detokenize/forget), `RolePolicy` (vault/roles.py), `AuditLog` and
-`audit_key` (vault/audit.py). See docs/token-vault.md.
+`RolePolicy` (grants, vault/roles.py), `AuditLog` (vault/audit.py). Revealing goes through the reveal service
+(`cloakbeam.vault.service`, `cloakbeam serve`). See docs/token-vault.md and docs/access-control.md.
 """
 
-from cloakbeam.vault.access import VaultAccess
-from cloakbeam.vault.audit import AuditLog, audit_key
+from cloakbeam.vault.audit import AuditLog
 from cloakbeam.vault.roles import RolePolicy
 from cloakbeam.vault.store import Domain, Vault, check_vault_ref, open_vault
 from cloakbeam.vault.tokens import TokenFormat
 
-__all__ = ["AuditLog", "Domain", "RolePolicy", "TokenFormat", "Vault", "VaultAccess", "audit_key", "check_vault_ref", "open_vault"]
+__all__ = ["AuditLog", "Domain", "RolePolicy", "TokenFormat", "Vault", "check_vault_ref", "open_vault"]

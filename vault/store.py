@@ -3,10 +3,18 @@
 Tables (same logical schema on both backends; see docs/token-vault.md):
 
     cloakbeam_vault_domains  domain PK, normalize, format (JSON), created_at
-    cloakbeam_vault_keys     key_id PK, wrapped (nonce || AES-256-GCM(KEK, DEK)), created_at
-    cloakbeam_vault_entries  (domain, token) PK, (domain, bidx) UNIQUE, key_id (subject keys only; NULL = the
-                             entry's own key, whose id is its bidx), counter, ciphertext
+    cloakbeam_vault_seals    seal_id PK, record (JSON seal record: the batch key HPKE-sealed to the reveal key)
+    cloakbeam_vault_keys     key_id PK, wrapped (seal id || nonce || AES-256-GCM(batch key, DEK)), created_at
+    cloakbeam_vault_entries  (domain, token) PK, (domain, bidx) UNIQUE, key_id (subject keys only: subject key id
+                             || seal id; NULL = the entry's own key, whose id is its bidx), counter, ciphertext
                              (nonce || AES-256-GCM(DEK, value)), created_at, expires_at, forgotten_at
+    cloakbeam_vault_column_keys  key_id PK (the 8-byte cell key id), subject (subject key id), seal_id, wrapped:
+                             per-subject DEKs of subject-linked encrypted columns (encrypt action `subject:`)
+    cloakbeam_vault_salts    subject PK, salt: per-subject token salts (tokenize `salt: subject`)
+
+Separation of duties (keys/sealing.py): the pipeline wraps new DEKs under its process's sealed batch key and never
+unwraps a DEK it did not make in that very batch; reading originals back (`reveal`, `column_keys`) needs the reveal
+keyring, which only the reveal service attaches to its key service.
 
 Writes are idempotent and convergent: the token is a PRF of the value (no read needed to compute it); rows go in
 with INSERT ... ON CONFLICT DO NOTHING, so a replayed bundle adds no rows and changes no tokens; a token that is
@@ -15,8 +23,8 @@ that value's PRF counter. `forget` deletes the DEK (crypto-shredding) and blanks
 token stays reserved so it can never be handed to another value or reversed again.
 
 The vault never stores, logs or raises with a plaintext value. Keys come from the KeyService (`prf_key`):
-`tokenize/<domain>` (token PRF), `vault/<domain>/index` (blind index), `vault/kek` (wraps DEKs),
-`vault/subject` (subject key ids; an entry's own key id is its blind index).
+`tokenize/<domain>` (token PRF), `vault/<domain>/index` (blind index), `vault/subject` (subject key ids; an
+entry's own key id is its blind index); DEKs are wrapped under `seal_batch("default")`.
 """
 
 from __future__ import annotations
@@ -44,7 +52,11 @@ from cloakbeam.vault.tokens import TokenFormat, Tokenizer, normalize
 
 MAX_COUNTER = 10_000
 _ENTRY_AAD = b"cloakbeam-vault-entry/v1\x00"
-_DEK_AAD = b"cloakbeam-vault-dek/v1\x00"
+_DEK_AAD = b"cloakbeam-vault-dek/v2\x00"
+_COLUMN_KEY_AAD = b"cloakbeam-vault-column-key/v1\x00"
+SALT_SEPARATOR = "\x1f"
+REVEAL_KEY = "default"  # the reveal key vault DEKs are sealed to
+_SUBJECT_SUFFIX = 8  # subject key rows: subject key id (32) || seal id (8)
 DEFAULT_DSN_ENV = "CLOAKBEAM_VAULT_DSN"
 
 
@@ -56,21 +68,25 @@ class Domain:
     fmt: TokenFormat = TokenFormat()
     normalize: str = "trim"
     ttl_seconds: int | None = None
+    salted: bool = False  # tokens salted per subject (tokenize `salt: subject`): forget erases linkage too
 
     def config(self) -> dict[str, Any]:
-        """What must never change for a domain once tokens exist (format and normalization)."""
-        return {
+        """What must never change for a domain once tokens exist (format, normalization, salting)."""
+        cfg: dict[str, Any] = {
             "normalize": self.normalize,
             "kind": self.fmt.kind,
             "prefix": self.fmt.prefix if self.fmt.kind == "opaque" else "",
             "keep_last": self.fmt.keep_last,
             "luhn": self.fmt.luhn,
         }
+        if self.salted:
+            cfg["salted"] = True
+        return cfg
 
     @staticmethod
     def from_config(name: str, cfg: Mapping[str, Any]) -> Domain:
         fmt = TokenFormat(kind=cfg["kind"], prefix=cfg.get("prefix") or "tok_", keep_last=int(cfg["keep_last"]), luhn=bool(cfg["luhn"]))
-        return Domain(name, fmt, cfg["normalize"])
+        return Domain(name, fmt, cfg["normalize"], salted=bool(cfg.get("salted", False)))
 
 
 @dataclass
@@ -135,15 +151,86 @@ class _Backend:
         raise NotImplementedError
 
     def shred(self, key_id: bytes, now: int, domain: str | None = None) -> int:
-        """Delete a data key and blank the entries it protected: subject-keyed entries (key_id = it) and, with
-        `domain`, the entry whose own key it is (key_id NULL, bidx = it)."""
-        self.conn.execute(f"DELETE FROM cloakbeam_vault_keys WHERE key_id = {self._p}", (key_id,))
+        """Delete a data key and blank the entries it protected. A 32-byte subject key id covers every key row
+        of that subject (id = subject || seal id, one per pipeline batch); with `domain`, also the entry whose
+        own key it is (key_id NULL, bidx = it)."""
         p = self._p
+        lo, hi = key_id + b"\x00" * _SUBJECT_SUFFIX, key_id + b"\xff" * _SUBJECT_SUFFIX
+        self.conn.execute(f"DELETE FROM cloakbeam_vault_keys WHERE key_id = {p} OR (key_id >= {p} AND key_id <= {p})", (key_id, lo, hi))
         blank = f"UPDATE cloakbeam_vault_entries SET bidx = NULL, key_id = NULL, ciphertext = NULL, forgotten_at = {p}"
-        n = self.conn.execute(blank + f" WHERE key_id = {p}", (now, key_id)).rowcount
+        n = self.conn.execute(blank + f" WHERE key_id >= {p} AND key_id <= {p}", (now, lo, hi)).rowcount
         if domain is not None:
             n += self.conn.execute(blank + f" WHERE domain = {p} AND bidx = {p} AND key_id IS NULL", (now, domain, key_id)).rowcount
         return n
+
+    def shred_subject_extras(self, subject_kid: bytes) -> int:
+        """Delete a subject's column keys (subject-linked encrypted columns) and token salt; return how many."""
+        p = self._p
+        # Tombstones (random cell key ids, nothing else) tell "forgotten" apart from "not this vault".
+        self.conn.execute(
+            f"INSERT INTO cloakbeam_vault_forgotten_keys (key_id, forgotten_at) SELECT key_id, {p} FROM cloakbeam_vault_column_keys"
+            f" WHERE subject = {p} ON CONFLICT DO NOTHING",
+            (int(time.time()), subject_kid),
+        )
+        n = self.conn.execute(f"DELETE FROM cloakbeam_vault_column_keys WHERE subject = {p}", (subject_kid,)).rowcount
+        n += self.conn.execute(f"DELETE FROM cloakbeam_vault_salts WHERE subject = {p}", (subject_kid,)).rowcount
+        return n
+
+    def insert_seal(self, seal_id: bytes, record: str, now: int) -> None:
+        p = self._p
+        self.conn.execute(
+            f"INSERT INTO cloakbeam_vault_seals (seal_id, record, created_at) VALUES ({p},{p},{p}) ON CONFLICT DO NOTHING", (seal_id, record, now)
+        )
+
+    def get_seals(self, seal_ids: Sequence[bytes]) -> dict[bytes, str]:
+        out: dict[bytes, str] = {}
+        for part in _chunks(list(seal_ids), 500):
+            q = f"SELECT seal_id, record FROM cloakbeam_vault_seals WHERE seal_id IN ({','.join([self._p] * len(part))})"
+            out.update((bytes(k), str(r)) for k, r in self.conn.execute(q, tuple(part)).fetchall())
+        return out
+
+    def insert_column_keys(self, rows: Sequence[tuple[bytes, bytes, bytes, bytes, int]]) -> int:
+        """Insert (cell key id, subject key id, seal id, wrapped, created_at) rows; return how many went in."""
+        p = self._p
+        n = 0
+        for part in _chunks(list(rows), 500):
+            values = ",".join([f"({p},{p},{p},{p},{p})"] * len(part))
+            args = [x for r in part for x in r]
+            n += self.conn.execute(
+                f"INSERT INTO cloakbeam_vault_column_keys (key_id, subject, seal_id, wrapped, created_at) VALUES {values} ON CONFLICT DO NOTHING", args
+            ).rowcount
+        return n
+
+    def get_column_keys(self, key_ids: Sequence[bytes]) -> dict[bytes, tuple[bytes, bytes, bytes]]:
+        """cell key id -> (subject key id, seal id, wrapped) for the ids that still exist."""
+        out: dict[bytes, tuple[bytes, bytes, bytes]] = {}
+        for part in _chunks(list(key_ids), 500):
+            q = f"SELECT key_id, subject, seal_id, wrapped FROM cloakbeam_vault_column_keys WHERE key_id IN ({','.join([self._p] * len(part))})"
+            for k, subj, sid, w in self.conn.execute(q, tuple(part)).fetchall():
+                out[bytes(k)] = (bytes(subj), bytes(sid), bytes(w))
+        return out
+
+    def forgotten_column_keys(self, key_ids: Sequence[bytes]) -> set[bytes]:
+        out: set[bytes] = set()
+        for part in _chunks(list(key_ids), 500):
+            q = f"SELECT key_id FROM cloakbeam_vault_forgotten_keys WHERE key_id IN ({','.join([self._p] * len(part))})"
+            out.update(bytes(r[0]) for r in self.conn.execute(q, tuple(part)).fetchall())
+        return out
+
+    def get_salts(self, subjects: Sequence[bytes]) -> dict[bytes, bytes]:
+        out: dict[bytes, bytes] = {}
+        for part in _chunks(list(subjects), 500):
+            q = f"SELECT subject, salt FROM cloakbeam_vault_salts WHERE subject IN ({','.join([self._p] * len(part))})"
+            out.update((bytes(k), bytes(v)) for k, v in self.conn.execute(q, tuple(part)).fetchall())
+        return out
+
+    def insert_salts(self, rows: Sequence[tuple[bytes, bytes, int]]) -> None:
+        p = self._p
+        for part in _chunks(list(rows), 500):
+            values = ",".join([f"({p},{p},{p})"] * len(part))
+            self.conn.execute(
+                f"INSERT INTO cloakbeam_vault_salts (subject, salt, created_at) VALUES {values} ON CONFLICT DO NOTHING", [x for r in part for x in r]
+            )
 
     def shred_expired(self, domain: str | None, now: int) -> int:
         """Blank every expired, not yet forgotten entry; delete the data keys no live entry uses any more."""
@@ -191,6 +278,15 @@ CREATE TABLE IF NOT EXISTS cloakbeam_vault_entries (
   PRIMARY KEY (domain, token)) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS cloakbeam_vault_entries_bidx ON cloakbeam_vault_entries (domain, bidx);
 CREATE INDEX IF NOT EXISTS cloakbeam_vault_entries_subject_key ON cloakbeam_vault_entries (key_id) WHERE key_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS cloakbeam_vault_seals (
+  seal_id BLOB PRIMARY KEY, record TEXT NOT NULL, created_at INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cloakbeam_vault_column_keys (
+  key_id BLOB PRIMARY KEY, subject BLOB NOT NULL, seal_id BLOB NOT NULL, wrapped BLOB NOT NULL, created_at INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS cloakbeam_vault_column_keys_subject ON cloakbeam_vault_column_keys (subject);
+CREATE TABLE IF NOT EXISTS cloakbeam_vault_salts (
+  subject BLOB PRIMARY KEY, salt BLOB NOT NULL, created_at INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cloakbeam_vault_forgotten_keys (
+  key_id BLOB PRIMARY KEY, forgotten_at INTEGER NOT NULL) WITHOUT ROWID;
 """
 
 _PG_DDL = """
@@ -203,6 +299,15 @@ CREATE TABLE IF NOT EXISTS cloakbeam_vault_entries (
   ciphertext BYTEA, created_at BIGINT NOT NULL, expires_at BIGINT, forgotten_at BIGINT,
   PRIMARY KEY (domain, token), UNIQUE (domain, bidx));
 CREATE INDEX IF NOT EXISTS cloakbeam_vault_entries_subject_key ON cloakbeam_vault_entries (key_id) WHERE key_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS cloakbeam_vault_seals (
+  seal_id BYTEA PRIMARY KEY, record TEXT NOT NULL, created_at BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS cloakbeam_vault_column_keys (
+  key_id BYTEA PRIMARY KEY, subject BYTEA NOT NULL, seal_id BYTEA NOT NULL, wrapped BYTEA NOT NULL, created_at BIGINT NOT NULL);
+CREATE INDEX IF NOT EXISTS cloakbeam_vault_column_keys_subject ON cloakbeam_vault_column_keys (subject);
+CREATE TABLE IF NOT EXISTS cloakbeam_vault_salts (
+  subject BYTEA PRIMARY KEY, salt BYTEA NOT NULL, created_at BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS cloakbeam_vault_forgotten_keys (
+  key_id BYTEA PRIMARY KEY, forgotten_at BIGINT NOT NULL);
 """
 
 _ENTRY_COLS = "token, bidx, key_id, counter, ciphertext, created_at, expires_at, forgotten_at"
@@ -486,7 +591,9 @@ class Vault:
         self._tokenizers: dict[tuple[str, TokenFormat], Tokenizer] = {}
         self._domains: dict[str, Domain] = {}
         self._lock = threading.Lock()
-        self._kek = AESGCM(self._key("vault/kek"))
+        self._seals_stored: set[bytes] = set()
+        self._seal_cache: dict[bytes, dict[str, Any]] = {}
+        self._column_keys: dict[tuple[bytes, bytes], Any] = {}  # (seal id, subject key id) -> this batch's DataKey
 
     def __reduce__(self):  # noqa: D105
         raise TypeError("Vault holds a database connection and keys; pickle the vault reference dict instead")
@@ -529,11 +636,40 @@ class Vault:
         # The blind index is already a per-domain keyed hash: it names the entry's own key.
         return bidx
 
+    def _reveal_keys(self, what: str, seal: dict[str, Any] | None = None) -> Any:
+        reveal = getattr(self._keys, "reveal_keys", None)
+        if reveal is None:
+            from cloakbeam.keys.sealing import not_held_error
+
+            raise not_held_error(what, seal)
+        return reveal
+
+    def _seal_record(self, seal_id: bytes) -> dict[str, Any]:
+        rec = self._seal_cache.get(seal_id)
+        if rec is None:
+            raw = self.backend.get_seals([seal_id]).get(seal_id)
+            if raw is None:
+                raise IntegrityError("a vault data key names a seal that is not in the vault (tampered key table)")
+            rec = self._seal_cache[seal_id] = json.loads(raw)
+        return rec
+
+    def _store_seal(self, batch: Any) -> None:
+        """Record the batch's seal (once per seal id and process) inside the current transaction."""
+        if batch.seal_id not in self._seals_stored:
+            self.backend.insert_seal(batch.seal_id, json.dumps(batch.record, sort_keys=True), int(time.time()))
+            self._seals_stored.add(batch.seal_id)
+
     def _unwrap(self, key_id: bytes, wrapped: bytes) -> AESGCM:
-        try:
-            return AESGCM(self._kek.decrypt(wrapped[:12], wrapped[12:], _DEK_AAD + key_id))
-        except InvalidTag:
-            raise KeyAccessError("a vault data key does not unwrap under this keyring (wrong keyring or tampered key table)") from None
+        """A vault DEK (reveal service only: needs the reveal keyring to unseal its batch key)."""
+        seal_id, body = wrapped[:8], wrapped[8:]
+        if len(wrapped) != 8 + 12 + 32 + 16:
+            raise KeyAccessError("a vault data key is not in the sealed format (written by an older cloakbeam, or tampered)")
+        seal = self._seal_record(seal_id)
+        material = self._reveal_keys("a vault original", seal).unwrap(seal, body, _DEK_AAD + key_id)
+        return AESGCM(material)
+
+    def _batch(self) -> Any:
+        return self._keys.seal_batch(REVEAL_KEY)
 
     # -- domains -------------------------------------------------------------------------------------------
     def register(self, domain: Domain) -> None:
@@ -613,26 +749,42 @@ class Vault:
             return result  # type: ignore[return-value]
         now = int(time.time())
         expires = now + domain.ttl_seconds if domain.ttl_seconds else None
-        # Data keys: one per subject (when given) or per entry; random, wrapped under the KEK, idempotent insert.
+        # Data keys: one per subject and pipeline batch (id = subject key id || seal id) or one per entry (id =
+        # blind index); random, wrapped under the process's sealed batch key, idempotent insert.
+        batch = self._batch()
+        self._store_seal(batch)
         kids = [
-            self._subject_key_id(s) if (s := (subj[i] if subj is not None else None)) else self._entry_key_id(name, bidx[i]) for i in new
+            self._subject_key_id(s) + batch.seal_id if (s := (subj[i] if subj is not None else None)) else self._entry_key_id(name, bidx[i])
+            for i in new
         ]
         uniq = sorted(set(kids))
         raw = os.urandom(32 * len(uniq))
-        nonces = os.urandom(12 * len(uniq))
-        key_rows = []
-        for j, kid in enumerate(uniq):
-            nonce = nonces[12 * j : 12 * j + 12]
-            key_rows.append((kid, nonce + self._kek.encrypt(nonce, raw[32 * j : 32 * j + 32], _DEK_AAD + kid), now))
+        wrapped = batch.wrap_many([raw[32 * j : 32 * j + 32] for j in range(len(uniq))], [_DEK_AAD + kid for kid in uniq])
+        key_rows = [(kid, batch.seal_id + w, now) for kid, w in zip(uniq, wrapped)]
         if be.insert_keys(key_rows) == len(key_rows):
             stored = {kid: w for kid, w, _ in key_rows}  # every key is ours: no read back needed
         else:
             stored = be.get_keys(uniq)
-        deks = {}
+        deks: dict[bytes, AESGCM] = {}
         for j, (kid, mine, _) in enumerate(key_rows):
-            theirs = stored[kid]
-            # Our own insert won (the usual case): use the DEK we just made instead of unwrapping it again.
-            deks[kid] = AESGCM(raw[32 * j : 32 * j + 32]) if theirs == mine else self._unwrap(kid, theirs)
+            theirs = stored.get(kid)
+            if theirs == mine:  # our own insert won (the usual case): the DEK we just made
+                deks[kid] = AESGCM(raw[32 * j : 32 * j + 32])
+            elif theirs is not None and theirs[:8] == batch.seal_id:  # made by this process earlier in this batch key
+                deks[kid] = AESGCM(batch.unwrap(theirs[8:], _DEK_AAD + kid))
+            # else: an entry key another writer inserted together with its entry (we cannot and need not open it)
+        foreign = [i for i, kid in zip(new, kids) if kid not in deks]
+        if foreign:
+            have = be.tokens_by_bidx(name, [bidx[i] for i in foreign])
+            for i in foreign:
+                if bidx[i] not in have:
+                    raise IntegrityError(f"token domain '{name}': a vault key row exists without its entry (tampered key table)")
+                result[i] = have[bidx[i]]
+            keep = [p for p, kid in enumerate(kids) if kid in deks]
+            new = [new[p] for p in keep]
+            kids = [kids[p] for p in keep]
+            if not new:
+                return result  # type: ignore[return-value]
         # Ciphertexts are bound to (domain, blind index): a row's value cannot be moved to another row.
         name_b = name.encode() + b"\x00"
         cts = []
@@ -665,7 +817,8 @@ class Vault:
     # -- read back -----------------------------------------------------------------------------------------
     def reveal(self, domain_name: str, tokens: Sequence[str], now: float | None = None) -> list[tuple[str, str | None]]:
         """(status, value) per token; status is ok | not_found | expired | forgotten. No authorization here:
-        callers go through `cloakbeam.vault.access.VaultAccess`, which checks roles and audits."""
+        callers go through the reveal service (vault/service.py), which checks grants and audits. Needs the
+        reveal keyring attached to the key service; the pipeline's keyring alone raises KeyAccessError."""
         domain = self.domain(domain_name)
         now = time.time() if now is None else now
         entries = self.backend.entries_by_token(domain_name, list(dict.fromkeys(tokens)))
@@ -696,33 +849,43 @@ class Vault:
                 raise IntegrityError(f"vault entry for a token of domain '{domain_name}' fails authentication (tampered row)") from None
             if tk.token_at(value, e.counter) != tok or self.blind_index(domain_name, [value])[0] != e.bidx:
                 raise IntegrityError(f"vault entry for a token of domain '{domain_name}' does not match its token (tampered row)")
+            if domain.salted:  # stored as salt || separator || value: the caller gets the value
+                value = value.split(SALT_SEPARATOR, 1)[-1]
             out.append(("ok", value))
         return out
 
     def find_token(self, domain_name: str, value: str) -> str | None:
         """The token of `value` in `domain_name` if the vault holds it (lookup by blind index)."""
         domain = self.domain(domain_name)
+        _refuse_salted(domain)
         norm = normalize([value], domain.normalize)[0]
         b = self.blind_index(domain_name, [norm])[0]
         return self.backend.tokens_by_bidx(domain_name, [b]).get(b)
 
     # -- erasure -------------------------------------------------------------------------------------------
     def forget_value(self, domain_name: str, value: str) -> int:
-        """Crypto-shred the key protecting `value`'s entry (and every entry sharing that key). Returns entries shredded."""
+        """Crypto-shred the key protecting `value`'s entry (and every entry of the same subject). Returns entries shredded."""
         domain = self.domain(domain_name)
+        _refuse_salted(domain)
         norm = normalize([value], domain.normalize)[0]
         b = self.blind_index(domain_name, [norm])[0]
         with self.backend.transaction():
             kid = self.backend.key_of_bidx(domain_name, b)
+            if kid is not None and len(kid) == 32 + _SUBJECT_SUFFIX:
+                kid = kid[:32]  # a subject key row: shred the subject's entries
             n = self.backend.shred(kid, int(time.time()), domain_name) if kid is not None else 0
         self._after_forget()
         return n
 
     def forget_subject(self, subject: str) -> int:
-        """Crypto-shred a subject's key: every entry tokenized with this subject id becomes irreversible."""
+        """Crypto-shred a subject: every vault entry tokenized with this subject id becomes irreversible, the
+        subject's column keys (subject-linked encrypted columns, in every existing output) and its token salt are
+        deleted. Returns the number of entries and keys destroyed."""
         kid = self._subject_key_id(subject)
         with self.backend.transaction():
             n = self.backend.shred(kid, int(time.time()))
+            n += self.backend.shred_subject_extras(kid)
+        self._column_keys = {k: v for k, v in self._column_keys.items() if k[1] != kid}
         self._after_forget()
         return n
 
@@ -738,6 +901,76 @@ class Vault:
         self._cache.data.clear()
         self.backend.after_shred()
 
+    # -- subject-linked encrypted columns --------------------------------------------------------------------
+    def subject_column_keys(self, subjects: Sequence[str]) -> list[Any]:
+        """One data key per distinct subject id (aligned with `subjects`) for a subject-linked encrypted column.
+
+        Keys are random AES-256-GCM DEKs with random 8-byte cell key ids, wrapped under the process's sealed batch
+        key and stored in `cloakbeam_vault_column_keys` with the subject's key id, so `forget_subject` deletes
+        them; the same subject reuses its key for the life of the batch key (per process). The pipeline cannot
+        read a key back after its batch key is gone.
+        """
+        from cloakbeam.keys.service import ALG_GCM, DataKey
+
+        batch = self._batch()
+        kids = [self._subject_key_id(s) for s in subjects]
+        out: list[Any] = [self._column_keys.get((batch.seal_id, k)) for k in kids]
+        missing = sorted({k for k, key in zip(kids, out) if key is None})
+        if missing:
+            raw = os.urandom(32 * len(missing))
+            ids = os.urandom(8 * len(missing))
+            cell_ids = [ids[8 * j : 8 * j + 8] for j in range(len(missing))]
+            materials = [raw[32 * j : 32 * j + 32] for j in range(len(missing))]
+            wrapped = batch.wrap_many(materials, [_COLUMN_KEY_AAD + c + k for c, k in zip(cell_ids, missing)])
+            now = int(time.time())
+            rows = [(c, k, batch.seal_id, w, now) for c, k, w in zip(cell_ids, missing, wrapped)]
+            with self._lock, self.backend.transaction():
+                self._store_seal(batch)
+                if self.backend.insert_column_keys(rows) != len(rows):  # 8-byte random ids collided: retry the batch
+                    raise IntegrityError("a new column key id collided with an existing one; the batch is retried")
+            if len(self._column_keys) > 200_000:
+                self._column_keys.clear()
+            for c, k, m in zip(cell_ids, missing, materials):
+                self._column_keys[(batch.seal_id, k)] = DataKey(c, False, AESGCM(m), {"key_id": c.hex(), "alg": ALG_GCM, "subject_keyed": True})
+            out = [self._column_keys[(batch.seal_id, k)] for k in kids]
+        return out
+
+    def column_keys(self, cell_key_ids: Sequence[bytes]) -> dict[bytes, Any]:
+        """cell key id -> DataKey for the subject column keys that still exist (reveal service only). Ids of
+        forgotten subjects are absent: their cells can never be decrypted again. An id this vault never held (nor
+        forgot) raises KeyAccessError: a wrong vault must not look like an erased one."""
+        from cloakbeam.keys.service import ALG_GCM, DataKey
+
+        rows = self.backend.get_column_keys(list(cell_key_ids))
+        unknown = [k for k in cell_key_ids if k not in rows]
+        if unknown:
+            stray = sorted(set(unknown) - self.backend.forgotten_column_keys(unknown))
+            if stray:
+                raise KeyAccessError(f"column key {stray[0].hex()} is not in this vault and was never forgotten here (wrong vault, or a restored old backup)")
+        out: dict[bytes, Any] = {}
+        for cid, (subj, sid, wrapped) in rows.items():
+            seal = self._seal_record(sid)
+            material = self._reveal_keys("a subject column key", seal).unwrap(seal, wrapped, _COLUMN_KEY_AAD + cid + subj)
+            out[cid] = DataKey(cid, False, AESGCM(material), {"key_id": cid.hex(), "alg": ALG_GCM, "subject_keyed": True})
+        return out
+
+    def forgotten_column_keys(self, cell_key_ids: Sequence[bytes]) -> set[bytes]:
+        """Which of these cell key ids belong to forgotten subjects (tombstones; no key material)."""
+        return self.backend.forgotten_column_keys(list(cell_key_ids))
+
+    def subject_salts(self, subjects: Sequence[str]) -> list[bytes]:
+        """A random 16-byte salt per subject id (created at first use, deleted by `forget_subject`)."""
+        kids = [self._subject_key_id(s) for s in subjects]
+        uniq = sorted(set(kids))
+        have = self.backend.get_salts(uniq)
+        missing = [k for k in uniq if k not in have]
+        if missing:
+            now = int(time.time())
+            with self._lock, self.backend.transaction():
+                self.backend.insert_salts([(k, os.urandom(16), now) for k in missing])
+            have.update(self.backend.get_salts(missing))
+        return [have[k] for k in kids]
+
     def count(self, domain: str | None = None) -> int:
         return self.backend.count_entries(domain)
 
@@ -745,6 +978,11 @@ class Vault:
         self.backend.close()
         self._prf.clear()
         self._tokenizers.clear()
+
+
+def _refuse_salted(domain: Domain) -> None:
+    if domain.salted:
+        raise CloakbeamError(f"token domain '{domain.name}' is salted per subject; a value alone does not name its entry: forget by subject")
 
 
 def open_vault(ref: Mapping[str, Any], key_service: Any) -> Vault:

@@ -46,11 +46,33 @@ def kms_ref(request, tmp_path, monkeypatch):
     else:
         server = FakeGcpKms(GCP_KEY)
         params = {"key": GCP_KEY, "endpoint": server.url}
-    ref = init_keyring(tmp_path / "keyring.json", provider=provider, params=params)
+    from cloakbeam.keys.sealing import init_reveal_keyring, read_reveal_public_keys
+
+    reveal = init_reveal_keyring(tmp_path / "reveal-keyring.json", protection="dev")
+    ref = init_keyring(tmp_path / "keyring.json", provider=provider, params=params, reveal_public_keys=read_reveal_public_keys(reveal.path))
     yield ref, server
     svc._PROCESS.clear()
     if server is not None:
         server.close()
+
+
+def test_random_data_keys_are_sealed_without_a_kms_call(kms_ref):
+    """Random DEKs are wrapped under the process's sealed batch key: no KMS call, and the KMS-backed pipeline
+    keyring cannot open them (only the reveal keyring can)."""
+    from cloakbeam.tests.keys_fixtures import with_reveal
+
+    ref, server = kms_ref
+    ks = open_key_service(ref)
+    before, http_before = ks.kms_calls, len(server.calls) if server else 0
+    arr = pa.array([f"v{i}" for i in range(300)])
+    enc = encrypt_column(arr, ks.data_key("ds", "ssn", uses=300), dataset="ds", column="ssn")
+    assert ks.kms_calls == before and (len(server.calls) if server else 0) == http_before
+    records = ks.wrapped_keys_used()
+    svc._PROCESS.clear()
+    with pytest.raises(KeyAccessError, match="only the reveal service holds"):
+        decrypt_column(enc, open_key_service(ref).key_lookup(records), dataset="ds", column="ssn")
+    got = decrypt_column(enc, with_reveal(open_key_service(ref)).key_lookup(records), dataset="ds", column="ssn", value_type=pa.string())
+    assert got.equals(arr)
 
 
 def test_keyring_holds_no_secret_and_prf_is_stable(kms_ref):
@@ -74,7 +96,7 @@ def test_envelope_round_trip_and_kms_calls_per_column(kms_ref):
     encs = {}
     for _ in range(5):  # five batches
         for c, arr in arrs.items():
-            k = ks.data_key("ds", c, uses=len(arr))
+            k = ks.data_key("ds", c, deterministic=True, uses=len(arr))  # KEK-wrapped (random DEKs are sealed instead)
             encs[c] = encrypt_column(arr, k, dataset="ds", column=c)
     assert ks.kms_calls - before == 2  # one wrap per column, not per row or batch
     if server is not None:
@@ -93,7 +115,7 @@ def test_rotate_rewrap_retire(kms_ref):
     ref, _ = kms_ref
     ks = open_key_service(ref)
     prf = ks.prf_key("p")
-    k1 = ks.data_key("ds", "ssn")
+    k1 = ks.data_key("ds", "ssn", deterministic=True)
     enc = encrypt_column(pa.array(["123-45-6789"]), k1, dataset="ds", column="ssn")
     old = ks.wrapped_keys_used()[0]
     assert old["kek_version"] == "1"
@@ -115,7 +137,7 @@ def test_retired_version_is_refused_by_the_kms_itself(kms_ref):
     """Even if someone edits the keyring file back to 'active', the KMS no longer unwraps under v1."""
     ref, _ = kms_ref
     ks = open_key_service(ref)
-    ks.data_key("ds", "x")
+    ks.data_key("ds", "x", deterministic=True)
     old = ks.wrapped_keys_used()[0]
     ks.rotate()
     ks.retire("default", "1")

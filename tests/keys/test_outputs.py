@@ -1,5 +1,6 @@
-"""End to end through run_pipeline and the CLI: signed manifest, verify, decrypt (role-checked), tamper,
-rotate -> rewrap -> decrypt, retired-version refusal."""
+"""End to end through run_pipeline and the CLI: signed manifest, pinned verify, decrypt through the reveal logic
+(--dev, grants from the state dir, audited), tamper, KEK rotation independent of sealed data keys, rewrap needing
+the reveal keyring, wrong keyring."""
 
 from __future__ import annotations
 
@@ -13,18 +14,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from cloakbeam.cli.main import main
-from cloakbeam.errors import AccessDenied, IntegrityError
+from cloakbeam.errors import IntegrityError
 from cloakbeam.keys.decrypt import encrypted_columns
 from cloakbeam.keys.service import KeyRef, collect_wrapped_keys, open_key_service
 from cloakbeam.keys.signing import verify_output
 from cloakbeam.tests.conftest import POLICY, SCHEMA
-from cloakbeam.vault.reveal import decrypt_output
+from cloakbeam.tests.keys_fixtures import reveal_tables
 
 ROLES = """
 version: 1
 roles:
   privacy-officer:
     - {action: decrypt, domains: [ssn], purposes: [dsar]}
+    - {action: decrypt, domains: [ssn], purposes: [marketing], valid_until: 2020-01-01T00:00:00Z}
   analyst:
     - {action: detokenize, domains: ["*"], purposes: ["*"]}
 """
@@ -46,9 +48,15 @@ def run(tmp_path, source, monkeypatch):
     state = tmp_path / "state"
     monkeypatch.setenv("CLOAKBEAM_STATE_DIR", str(state))
     out = tmp_path / "out"
-    manifest = run_pipeline(RunSettings(inputs=[source["path"]], schema=str(SCHEMA), policy=str(POLICY), output=str(out), batch_size=150, progress=False))
+    manifest = run_pipeline(RunSettings(dev=True, inputs=[source["path"]], schema=str(SCHEMA), policy=str(POLICY), output=str(out), batch_size=150, progress=False))
     (state / "roles.yaml").write_text(ROLES)
-    return {"out": out, "state": state, "manifest": manifest, "ref": KeyRef(path=str(state / "keyring.json"))}
+    pub = json.loads((state / "keyring.json").read_text())["signing_public_key"]
+    return {"out": out, "state": state, "manifest": manifest, "ref": KeyRef(path=str(state / "keyring.json")), "pub": pub,
+            "vault": {"backend": "sqlite", "path": str(state / "vault.sqlite")}}
+
+
+def _decrypt(run, dest, role="privacy-officer", purpose="dsar", *extra):
+    return main(["decrypt", str(run["out"]), "--out", str(dest), "--dev", "--role", role, "--purpose", purpose, "--public-key", run["pub"], *extra])
 
 
 def _source_ssns(source) -> dict[str, str]:
@@ -70,14 +78,13 @@ def test_run_output_is_encrypted_signed_and_verifies(run):
     assert files
     schema = pq.read_schema(files[0])
     assert schema.field("ssn").type == pa.binary() and "ssn" in encrypted_columns(schema)
-    assert collect_wrapped_keys(str(out), run["manifest"])  # wrapped DEKs travel with the output
-    assert main(["verify", str(out)]) == 0
+    assert collect_wrapped_keys(str(out), run["manifest"])  # sealed DEKs (quarantine) travel with the output
+    assert main(["verify", str(out), "--public-key", run["pub"]]) == 0
 
 
 def test_cli_decrypt_round_trips_for_authorized_role(run, source, capsys):
     dest = run["out"].parent / "plain"
-    rc = main(["decrypt", str(run["out"]), "--out", str(dest), "--role", "privacy-officer", "--purpose", "dsar"])
-    assert rc == 0
+    assert _decrypt(run, dest) == 0
     files = sorted(dest.rglob("*.parquet"))
     assert files and oct(dest.stat().st_mode & 0o777) == "0o700"
     table = pa.concat_tables([pq.read_table(f) for f in files])
@@ -93,18 +100,11 @@ def test_cli_decrypt_round_trips_for_authorized_role(run, source, capsys):
 
 
 def test_decrypt_denied_for_other_role_or_purpose(run):
-    ks = open_key_service(run["ref"])
-    from cloakbeam.vault.roles import RolePolicy
-
-    roles = RolePolicy.from_dict(__import__("yaml").safe_load(ROLES))
-    with pytest.raises(AccessDenied, match="role 'analyst' may not decrypt domain 'ssn'"):
-        list(decrypt_output(run["out"], ks, role="analyst", purpose="dsar", roles=roles))
-    with pytest.raises(AccessDenied):
-        list(decrypt_output(run["out"], ks, role="privacy-officer", purpose="marketing", roles=roles))
-    rc = main(["decrypt", str(run["out"]), "--out", str(run["out"].parent / "x"), "--role", "analyst", "--purpose", "dsar"])
-    assert rc == 1
+    assert _decrypt(run, run["out"].parent / "x", "analyst") == 1
+    assert _decrypt(run, run["out"].parent / "y", "privacy-officer", "marketing") == 1
+    assert not (run["out"].parent / "x").exists()
     audit = [json.loads(x) for x in (run["state"] / "audit.jsonl").read_text().splitlines()]
-    assert audit[-1]["outcome"] == "denied"
+    assert [e["outcome"] for e in audit] == ["denied", "denied"] and audit[0]["role"] == "analyst"
 
 
 def _flip_cell(f: Path, row: int) -> None:
@@ -121,15 +121,11 @@ def _flip_cell(f: Path, row: int) -> None:
 def test_tampered_cell_names_file_column_and_row(run):
     f = sorted((run["out"] / "data").rglob("*.parquet"))[0]
     _flip_cell(f, 5)
-    ks = open_key_service(run["ref"])
-    from cloakbeam.vault.roles import RolePolicy
-
-    roles = RolePolicy.from_dict(__import__("yaml").safe_load(ROLES))
     with pytest.raises(IntegrityError) as ei:
-        list(decrypt_output(run["out"], ks, role="privacy-officer", purpose="dsar", roles=roles))
-    msg = str(ei.value)
-    assert f.name in msg and "column 'ssn', row 5" in msg
+        reveal_tables(run["out"], run["ref"], run["vault"])
+    assert "column 'ssn', row 5" in str(ei.value)
     assert any(f.name in p for p in verify_output(run["out"]))
+    assert _decrypt(run, run["out"].parent / "t") == 1  # the CLI refuses before decrypting: verification fails
 
 
 @pytest.mark.parametrize("target", ["data", "manifest", "quarantine", "signature"])
@@ -158,7 +154,7 @@ def test_verify_names_what_changed_after_any_byte_flip(run, target, capsys):
     f.write_bytes(bytes(data))
     assert verify_output(out) == []
     f.write_bytes(bytes(data[:-1]))
-    assert main(["verify", str(out)]) == 1
+    assert main(["verify", str(out), "--public-key", run["pub"]]) == 1
     assert ("manifest.json" if target == "signature" else f.name) in capsys.readouterr().err
 
 
@@ -177,38 +173,30 @@ def test_verify_detects_extra_file_and_foreign_signer(run, tmp_path):
     from cloakbeam.keys.signing import public_key_bytes
 
     assert any("not by the expected key" in p for p in verify_output(out, public_key_bytes(pinned)))
-    assert main(["verify", str(out)]) == 1  # the CLI pins to the state dir's keyring by default
+    assert main(["verify", str(out)]) == 2  # the CLI refuses to check a signature against no pinned key
+    assert main(["verify", str(out), "--public-key", str(run["state"] / "keyring.json")]) == 1
 
 
-def test_rotate_rewrap_decrypt_and_retired_version_refused(run, capsys):
+def test_kek_rotation_does_not_touch_sealed_keys_and_rewrap_needs_the_reveal_keyring(run, capsys):
     out, state = run["out"], run["state"]
-    before = sorted((out / "data").rglob("*.parquet"))
-    cells_before = {f.name: pq.read_table(f).column("ssn").to_pylist() for f in before}
-    assert main(["keys", "rotate"]) == 0
-    # Retiring v1 before rewrapping would strand this output: decrypt must then fail with a clear message.
-    snapshot = (state / "keyring.json").read_bytes()
+    before = {f.name: pq.read_table(f).column("ssn").to_pylist() for f in sorted((out / "data").rglob("*.parquet"))}
+    assert main(["keys", "rotate"]) == 0  # re-wraps the root under v2
     assert main(["keys", "retire", "1"]) == 0
     from cloakbeam.keys import service as svc
 
     svc._PROCESS.clear()
-    rc = main(["decrypt", str(out), "--out", str(out.parent / "p0"), "--role", "privacy-officer", "--purpose", "dsar"])
-    assert rc == 1
-    err = capsys.readouterr().err
-    assert "version 1 is retired" in err and "rewrap" in err
-    # Undo (restore the keyring backup), rewrap, then retire: decrypt works under v2 only.
-    (state / "keyring.json").write_bytes(snapshot)
-    os.chmod(state / "keyring.json", 0o600)
-    svc._PROCESS.clear()
-    assert main(["keys", "rewrap", str(out)]) == 0
-    assert verify_output(out) == []  # footers rewritten, manifest hashes updated and re-signed
+    # sealed data keys never depended on the pipeline KEK: the output still decrypts
+    assert _decrypt(run, out.parent / "p0") == 0
+    # rewrap of sealed keys is a reveal-keyring operation: refused with the pipeline keyring alone
+    capsys.readouterr()
+    assert main(["keys", "rewrap", str(out)]) == 1
+    assert "only the reveal service holds" in capsys.readouterr().err
+    reveal = str(state / "reveal-keyring.json")
+    assert main(["keys", "rewrap", str(out), "--reveal-keyring", reveal]) == 0
+    assert "rewrapped 0 of" in capsys.readouterr().out  # already sealed to the newest reveal key version
+    assert verify_output(out) == []
     after = {f.name: pq.read_table(f).column("ssn").to_pylist() for f in sorted((out / "data").rglob("*.parquet"))}
-    assert after == cells_before  # cells untouched
-    man = json.loads((out / "manifest.json").read_text())
-    assert {r["kek_version"] for r in collect_wrapped_keys(str(out), man)} == {"2"}
-    assert main(["keys", "retire", "1"]) == 0
-    svc._PROCESS.clear()
-    rc = main(["decrypt", str(out), "--out", str(out.parent / "p1"), "--role", "privacy-officer", "--purpose", "dsar"])
-    assert rc == 0
+    assert after == before  # cells untouched
     assert main(["keys", "list"]) == 0
     listing = capsys.readouterr().out
     assert "v1\tretired" in listing and "v2\tactive" in listing
@@ -221,10 +209,12 @@ def test_wrong_keyring_gives_clear_message(run, tmp_path, monkeypatch, capsys):
     assert main(["keys", "init", "--protect", "dev", "--state-dir", str(other)]) == 0
     (other / "roles.yaml").write_text(ROLES)
     svc._PROCESS.clear()
-    rc = main(["decrypt", str(run["out"]), "--out", str(tmp_path / "p"), "--role", "privacy-officer", "--purpose", "dsar", "--state-dir", str(other)])
+    capsys.readouterr()
+    rc = main(["decrypt", str(run["out"]), "--out", str(tmp_path / "p"), "--dev", "--role", "privacy-officer", "--purpose", "dsar",
+               "--state-dir", str(other), "--public-key", run["pub"]])
     assert rc == 1
     err = capsys.readouterr().err
-    assert "failed to unwrap" in err and "wrong keyring" in err
+    assert "wrong vault" in err  # neither a wrong keyring nor a wrong vault looks like an erased subject
 
 
 def test_cli_opens_quarantine_for_authorized_role_only(run, capsys):
@@ -233,8 +223,8 @@ def test_cli_opens_quarantine_for_authorized_role_only(run, capsys):
     roles = run["state"] / "roles.yaml"
     roles.write_text(ROLES + "  steward:\n    - {action: decrypt, domains: [quarantine], purposes: [data-quality]}\n")
     dest = run["out"].parent / "q"
-    assert main(["decrypt", str(run["out"]), "--quarantine", "--out", str(dest), "--role", "privacy-officer", "--purpose", "dsar"]) == 1
-    assert main(["decrypt", str(run["out"]), "--quarantine", "--out", str(dest), "--role", "steward", "--purpose", "data-quality"]) == 0
+    assert _decrypt(run, dest, "privacy-officer", "dsar", "--quarantine") == 1
+    assert _decrypt(run, dest, "steward", "data-quality", "--quarantine") == 0
     lines = (dest / "quarantine.jsonl").read_text().splitlines()
     sealed = sum(1 for q in (run["out"] / "quarantine").rglob("*.jsonl") for x in q.read_text().splitlines() if x.strip())
     assert len(lines) == sealed > 0

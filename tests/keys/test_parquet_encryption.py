@@ -115,7 +115,7 @@ def test_pipeline_with_parquet_encryption_and_cell_encryption(tmp_path, monkeypa
     policy.write_text(yaml.safe_dump(raw))
     src = generate(tmp_path / "in.jsonl", 120, seed=5, fmt="jsonl")
     out = tmp_path / "out"
-    run_pipeline(RunSettings(inputs=[src["path"]], schema=str(SCHEMA), policy=str(policy), output=str(out), progress=False))
+    run_pipeline(RunSettings(dev=True, inputs=[src["path"]], schema=str(SCHEMA), policy=str(policy), output=str(out), progress=False))
     files = sorted((out / "data").rglob("*.parquet"))
     with pytest.raises(OSError):
         pq.read_table(files[0])
@@ -124,6 +124,7 @@ def test_pipeline_with_parquet_encryption_and_cell_encryption(tmp_path, monkeypa
     assert t.schema.field("diagnosis").type == pa.string()
     assert verify_output(out) == []
     (state / "roles.yaml").write_text("version: 1\nroles:\n  dpo: [{action: decrypt, domains: [ssn], purposes: [dsar]}]\n")
-    assert main(["decrypt", str(out), "--out", str(tmp_path / "plain"), "--role", "dpo", "--purpose", "dsar"]) == 0
+    pub = __import__("json").loads((state / "keyring.json").read_text())["signing_public_key"]
+    assert main(["decrypt", str(out), "--out", str(tmp_path / "plain"), "--dev", "--role", "dpo", "--purpose", "dsar", "--public-key", pub]) == 0
     plain = pq.read_table(sorted((tmp_path / "plain").rglob("*.parquet"))[0])
     assert plain.schema.field("ssn").type == pa.string() and plain.num_rows > 0

@@ -7,18 +7,11 @@ import json
 import pytest
 import yaml
 
-from cloakbeam.errors import AccessDenied, IntegrityError, KeyAccessError
-from cloakbeam.keys.quarantine import open_quarantine_record, read_quarantine, seal_quarantine_record
+from cloakbeam.errors import IntegrityError, KeyAccessError
+from cloakbeam.keys.quarantine import open_quarantine_record, seal_quarantine_record
 from cloakbeam.keys.service import KeyRef, open_key_service
 from cloakbeam.tests.conftest import SCHEMA
-from cloakbeam.tests.keys_fixtures import open_dev
-
-ROLES = yaml.safe_load("""
-version: 1
-roles:
-  steward: [{action: decrypt, domains: [quarantine], purposes: [data-quality]}]
-  analyst: [{action: decrypt, domains: [ssn], purposes: ["*"]}]
-""")
+from cloakbeam.tests.keys_fixtures import open_dev, reveal_quarantine, with_reveal
 
 
 def test_seal_open_round_trip_and_binding(tmp_path):
@@ -51,7 +44,6 @@ def test_pipeline_quarantine_is_sealed_readable_by_role_and_survives_rewrap(tmp_
     from cloakbeam.keys.decrypt import rewrap_output
     from cloakbeam.keys.signing import verify_output
     from cloakbeam.pipeline.graph import RunSettings, run_pipeline
-    from cloakbeam.vault.roles import RolePolicy
 
     state = tmp_path / "state"
     monkeypatch.setenv("CLOAKBEAM_STATE_DIR", str(state))
@@ -66,26 +58,25 @@ def test_pipeline_quarantine_is_sealed_readable_by_role_and_survives_rewrap(tmp_
     raw_policy = {"version": 1, "dataset": "customers", "fields": {"ssn": "encrypt", "gender": "keep", "churned": "keep"}}
     policy = tmp_path / "policy.yaml"
     policy.write_text(yaml.safe_dump(raw_policy))
-    run_pipeline(RunSettings(inputs=[str(src)], schema=str(SCHEMA), policy=str(policy), output=str(out), progress=False))
+    run_pipeline(RunSettings(dev=True, inputs=[str(src)], schema=str(SCHEMA), policy=str(policy), output=str(out), progress=False))
     qfiles = sorted((out / "quarantine").rglob("*.jsonl"))
     assert qfiles
     entry = json.loads(qfiles[0].read_text().splitlines()[0])
     assert "record_sealed" in entry and "record_hmac_sha256" not in entry
     assert b"Secretperson" not in qfiles[0].read_bytes()
     ref = KeyRef(path=str(state / "keyring.json"))
-    ks = open_key_service(ref)
-    roles = RolePolicy.from_dict(ROLES)
-    got = list(read_quarantine(out / "quarantine", ks, dataset_id="customers", role="steward", purpose="data-quality", roles=roles))
-    assert [raw.rstrip(b"\n") for _, raw in got] == [bad_line]
-    assert "record_sealed" not in got[0][0]
-    with pytest.raises(AccessDenied):
-        list(read_quarantine(out / "quarantine", ks, dataset_id="customers", role="analyst", purpose="x", roles=roles))
-    # rotate -> rewrap -> retire: quarantine still opens, output still verifies.
+    # the pipeline's keyring alone cannot open what it sealed
+    svc._PROCESS.clear()
+    with pytest.raises(KeyAccessError, match="only the reveal service holds"):
+        reveal_quarantine(out, open_key_service(ref), "customers")
+    ks = with_reveal(open_key_service(ref))  # the reveal service's view (grants and audit: tests/vault/test_service.py)
+    got = reveal_quarantine(out, ks, "customers")
+    assert [raw.rstrip(b"\n") for raw in got] == [bad_line]
+    # rotate -> rewrap (reseal needs the reveal keyring) -> retire the pipeline KEK: quarantine still opens, output verifies.
     ks.rotate()
     rewrap_output(out, ks)
     ks.retire("default", "1")
     assert verify_output(out) == []
     svc._PROCESS.clear()
-    ks2 = open_key_service(ref)
-    got = list(read_quarantine(out / "quarantine", ks2, dataset_id="customers", role="steward", purpose="data-quality", roles=roles))
-    assert [raw.rstrip(b"\n") for _, raw in got] == [bad_line]
+    ks2 = with_reveal(open_key_service(ref))
+    assert [raw.rstrip(b"\n") for raw in reveal_quarantine(out, ks2, "customers")] == [bad_line]

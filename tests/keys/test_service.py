@@ -19,7 +19,7 @@ from cloakbeam.keys.service import (
     merge_wrapped_keys,
     open_key_service,
 )
-from cloakbeam.tests.keys_fixtures import all_key_bytes, dev_keyring, open_dev
+from cloakbeam.tests.keys_fixtures import all_key_bytes, dev_keyring, open_dev, with_reveal
 
 
 def test_dev_keyring_created_0600_and_reopened(tmp_path):
@@ -123,13 +123,18 @@ def test_dek_cached_per_process_kms_calls_grow_with_columns_not_rows(tmp_path):
     for _ in range(1000):
         for col in ("a", "b", "c"):
             ks.data_key("ds", col, uses=100)
-    assert ks.kms_calls - calls0 == 3
+    # random DEKs: wrapped under the process's one sealed batch key, so no KEK call at all
+    assert ks.kms_calls - calls0 == 0
     assert len(ks.wrapped_keys_used()) == 3
+    assert len({r["seal"]["seal_id"] for r in ks.wrapped_keys_used()}) == 1  # one HPKE seal for all of them
+    for _ in range(100):  # deterministic DEKs: KEK-wrapped once per column
+        ks.data_key("ds", "d", deterministic=True)
+    assert ks.kms_calls - calls0 == 1
     # A second service on the same keyring in the same process shares the cache (writer and protect DoFns).
     ks2 = open_key_service(ks.ref)
     before = ks2.kms_calls
     ks2.data_key("ds", "a", uses=1)
-    assert ks2.kms_calls == before and len(ks2.wrapped_keys_used()) == 3
+    assert ks2.kms_calls == before and len(ks2.wrapped_keys_used()) == 4
 
 
 def test_dek_usage_limit_rotates_data_key(tmp_path):
@@ -185,7 +190,10 @@ def test_wrapped_record_unwraps_in_fresh_process_and_is_bound(tmp_path):
     ct = k.aead.encrypt(b"\0" * 12, b"hello", b"")
     rec = ks.wrapped_keys_used()[0]
     svc._PROCESS.clear()
-    fresh = open_key_service(ref)
+    with pytest.raises(KeyAccessError, match="only the reveal service holds"):
+        open_key_service(ref).unwrap_data_key(rec)  # the pipeline's keyring alone
+    fresh = with_reveal(open_key_service(ref))
+    ks = with_reveal(ks)
     assert fresh.unwrap_data_key(rec).aead.decrypt(b"\0" * 12, ct, b"") == b"hello"
     moved = dict(rec, column="other")  # a record relabelled to another column does not unwrap,
     with pytest.raises(KeyAccessError, match="failed to unwrap"):  # even while the real one is cached
@@ -196,10 +204,14 @@ def test_wrapped_record_unwraps_in_fresh_process_and_is_bound(tmp_path):
 
 def test_named_kek_missing_is_a_clear_error(tmp_path):
     ks = open_dev(tmp_path)
+    # deterministic keys are KEK-wrapped: a missing KEK says how to create it
     with pytest.raises(KeyAccessError, match="no key named 'pii-high'.*keys rotate --name pii-high"):
-        ks.data_key("ds", "a", kek="pii-high")
+        ks.data_key("ds", "a", kek="pii-high", deterministic=True)
     ks.rotate("pii-high")
-    assert ks.data_key("ds", "a", kek="pii-high").record["kek"] == "pii-high"
+    assert ks.data_key("ds", "a", kek="pii-high", deterministic=True).record["kek"] == "pii-high"
+    # random keys are sealed to the reveal key of that name: a missing one says how to add it
+    with pytest.raises(KeyAccessError, match="no reveal public key 'pii-high'.*set-reveal-key"):
+        ks.data_key("ds", "b", kek="pii-high")
 
 
 def test_nothing_secret_in_pickles_reprs_or_records(tmp_path):

@@ -54,7 +54,7 @@ def test_reference_run_reconciles_and_denies_unmentioned(tmp_path, reference_inp
     import duckdb
 
     inputs = [reference_inputs[f]["path"] for f in ("jsonl", "csv", "avro", "parquet")]
-    manifest = run_pipeline(RunSettings(inputs=inputs, schema=str(SCHEMA), policy=str(POLICY), output=str(tmp_path / "out"), batch_size=1000, progress=False))
+    manifest = run_pipeline(RunSettings(dev=True, inputs=inputs, schema=str(SCHEMA), policy=str(POLICY), output=str(tmp_path / "out"), batch_size=1000, progress=False))
     c = manifest["counts"]
     assert c["input"] == 12_000
     assert c["input"] == c["written"] + c["quarantined"] + c["suppressed"]
@@ -80,7 +80,7 @@ def test_quarantine_never_holds_raw_values(tmp_path):
     line = json.dumps({"customer_id": "c1", "full_name": "Zed Secretperson", "ssn": secret_ssn}) + "\n"
     src = tmp_path / "in.jsonl"
     src.write_text(line)
-    run_pipeline(RunSettings(inputs=[str(src)], schema=str(SCHEMA), policy=str(POLICY), output=str(tmp_path / "out"), progress=False))
+    run_pipeline(RunSettings(dev=True, inputs=[str(src)], schema=str(SCHEMA), policy=str(POLICY), output=str(tmp_path / "out"), progress=False))
     for root, _, files in os.walk(tmp_path / "out"):
         for f in files:
             data = open(os.path.join(root, f), "rb").read()
@@ -107,7 +107,7 @@ def test_unreconciled_counts_fail_loudly(customers_schema):
 def test_existing_output_is_refused_without_overwrite(tmp_path, reference_inputs):
     from cloakbeam.errors import ConfigError
 
-    s = RunSettings(inputs=[reference_inputs["parquet"]["path"]], schema=str(SCHEMA), policy=str(POLICY), output=str(tmp_path / "o"), progress=False)
+    s = RunSettings(dev=True, inputs=[reference_inputs["parquet"]["path"]], schema=str(SCHEMA), policy=str(POLICY), output=str(tmp_path / "o"), progress=False)
     run_pipeline(s)
     with pytest.raises(ConfigError, match="already holds a run"):
         run_pipeline(s)
@@ -118,7 +118,7 @@ def test_existing_output_is_refused_without_overwrite(tmp_path, reference_inputs
 def test_missing_input_fails_at_construction(tmp_path, capsys):
     from cloakbeam.cli.main import main
 
-    code = main(["run", "--input", str(tmp_path / "none*.jsonl"), "--schema", str(SCHEMA), "--policy", str(POLICY), "--output", str(tmp_path / "o")])
+    code = main(["run", "--dev", "--input", str(tmp_path / "none*.jsonl"), "--schema", str(SCHEMA), "--policy", str(POLICY), "--output", str(tmp_path / "o")])
     assert code == 2
     assert "matches no file" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -135,7 +135,7 @@ def test_rows_an_action_rejects_are_quarantined_and_reconciled(tmp_path):
     rec["card_number"] = "12-34"
     lines[5] = json.dumps(rec)
     src.write_text("\n".join(lines) + "\n")
-    manifest = run_pipeline(RunSettings(inputs=[str(src)], schema=str(SCHEMA), policy=str(POLICY), output=str(tmp_path / "out"), progress=False))
+    manifest = run_pipeline(RunSettings(dev=True, inputs=[str(src)], schema=str(SCHEMA), policy=str(POLICY), output=str(tmp_path / "out"), progress=False))
     c = manifest["counts"]
     assert manifest["reconciled"] and c["input"] == 200
     assert manifest["quarantine_reasons"].get("invalid_value") == 1

@@ -62,7 +62,7 @@ def test_read_protect_enforce_with_assert_that(tmp_path, reference_inputs):
 
 
 def test_run_pipeline_reference_policy_output_is_k_anonymous(tmp_path, reference_inputs):
-    manifest = run_pipeline(RunSettings(inputs=[reference_inputs["parquet"]["path"]], schema=str(SCHEMA), policy=str(POLICY),
+    manifest = run_pipeline(RunSettings(dev=True, inputs=[reference_inputs["parquet"]["path"]], schema=str(SCHEMA), policy=str(POLICY),
                                         output=str(tmp_path / "out"), batch_size=500, progress=False))
     c = manifest["counts"]
     assert c["input"] == c["written"] + c["quarantined"] + c["suppressed"] and manifest["reconciled"] is True
@@ -87,7 +87,7 @@ def test_cli_run_fails_naming_the_unreachable_target(tmp_path, reference_inputs,
     raw["k_anonymity"]["sensitive"]["l"] = 2
     pol = tmp_path / "strict.yaml"
     pol.write_text(yaml.safe_dump(raw))
-    rc = main(["run", "--input", reference_inputs["jsonl"]["path"], "--schema", str(SCHEMA), "--policy", str(pol),
+    rc = main(["run", "--dev", "--input", reference_inputs["jsonl"]["path"], "--schema", str(SCHEMA), "--policy", str(pol),
                "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 1
@@ -100,6 +100,7 @@ def test_dask_runner_chooses_the_same_levels_and_suppresses_the_same_records(tmp
     manifests = {}
     for runner in ("direct", "dask"):
         manifests[runner] = run_pipeline(RunSettings(
+            dev=True,
             inputs=[reference_inputs["jsonl"]["path"]], schema=str(SCHEMA), policy=str(POLICY),
             output=str(tmp_path / runner), state_dir=str(tmp_path / "state"), runner=runner, batch_size=700, progress=False))
     a, b = (manifests[r]["sections"]["k_anonymity"]["batch"] for r in ("direct", "dask"))

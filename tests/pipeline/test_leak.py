@@ -38,7 +38,7 @@ def reference_run(tmp_path_factory):
     src = generate(d / "in.jsonl", 3000, seed=11, fmt="jsonl", dirty=0.02)["path"]
     raw = generate_table(3000, 11, 0, _pools(11))
     manifest = run_pipeline(
-        RunSettings(inputs=[src], schema=str(SCHEMA), policy=str(POLICY), output=str(d / "out"), batch_size=800, progress=False, state_dir=str(d / "state"))
+        RunSettings(dev=True, inputs=[src], schema=str(SCHEMA), policy=str(POLICY), output=str(d / "out"), batch_size=800, progress=False, state_dir=str(d / "state"))
     )
     return raw, str(d / "out"), manifest
 
@@ -110,7 +110,7 @@ def test_field_kept_in_clear_holding_ssns_fails_the_run(tmp_path, reference_inpu
     pq.write_table(bad, src)
     policy.write_text(text)
     with pytest.raises(Exception) as info:
-        run_pipeline(RunSettings(inputs=[str(src)], schema=str(SCHEMA), policy=str(policy), output=str(tmp_path / "out"), progress=False, state_dir=str(tmp_path / "s")))
+        run_pipeline(RunSettings(dev=True, inputs=[str(src)], schema=str(SCHEMA), policy=str(policy), output=str(tmp_path / "out"), progress=False, state_dir=str(tmp_path / "s")))
     msg = str(info.value)
     assert "field 'diagnosis'" in msg and "US_SSN" in msg
     for v in raw.column("ssn").to_pylist()[:200]:
@@ -138,7 +138,7 @@ def test_two_runs_with_the_same_keys_give_identical_protected_columns(tmp_path):
     cols = ["customer_id", "full_name", "phone", "ip_address", "notes"]
     tables = []
     for i, batch in enumerate((600, 97)):
-        run_pipeline(RunSettings(inputs=[src], schema=str(SCHEMA), policy=str(POLICY), output=str(tmp_path / f"out{i}"), batch_size=batch,
+        run_pipeline(RunSettings(dev=True, inputs=[src], schema=str(SCHEMA), policy=str(POLICY), output=str(tmp_path / f"out{i}"), batch_size=batch,
                                  progress=False, state_dir=str(tmp_path / "state")))
         t = pq.read_table(tmp_path / f"out{i}" / "data", columns=cols)
         tables.append(sorted(zip(*(t.column(c).to_pylist() for c in cols)), key=lambda r: r[0]))
@@ -156,7 +156,7 @@ def test_policy_proposed_by_classify_runs_and_leaks_nothing(tmp_path, capsys):
     proposed = tmp_path / "proposed.yaml"
     assert main(["classify", "--input", src, "--out", str(proposed)]) == 0
     capsys.readouterr()
-    manifest = run_pipeline(RunSettings(inputs=[src], schema=str(SCHEMA), policy=str(proposed), output=str(tmp_path / "out"),
+    manifest = run_pipeline(RunSettings(dev=True, inputs=[src], schema=str(SCHEMA), policy=str(proposed), output=str(tmp_path / "out"),
                                         progress=False, state_dir=str(tmp_path / "state")))
     assert manifest["reconciled"] is True and manifest["counts"]["written"] == 800
     raw = generate_table(800, 21, 0, _pools(21))

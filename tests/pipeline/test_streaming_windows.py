@@ -51,7 +51,7 @@ def files(tmp_path_factory):
 def _run(files, out: Path, state: Path, policy: Path, lateness: float, late_at: float) -> None:
     """Files 0 and 1 in windows [0,60) and [60,120); file 2 (event time 5 s) arrives after the watermark
     passed `late_at`."""
-    run = prepare(RunSettings(inputs=files, schema=str(SCHEMA), policy=str(policy), output=str(out), batch_size=100, state_dir=str(state), progress=False, runner_options={"streaming": True, "allowed_lateness": lateness}))
+    run = prepare(RunSettings(dev=True, inputs=files, schema=str(SCHEMA), policy=str(policy), output=str(out), batch_size=100, state_dir=str(state), progress=False, runner_options={"streaming": True, "allowed_lateness": lateness}))
     opts = stream_options_for(run.policy, {"allowed_lateness": lateness})
     source = (
         TestStream()
@@ -183,7 +183,7 @@ def test_kanon_window_mismatch_is_refused(tmp_path):
     doc = yaml.safe_load(POLICY.read_text())
     if "k_anonymity" not in doc:
         pytest.skip("reference policy has no k_anonymity section")
-    run = prepare(RunSettings(inputs=[str(tmp_path / "*.jsonl")], schema=str(SCHEMA), policy=str(POLICY), output=str(tmp_path / "out"), state_dir=str(tmp_path / "s"), progress=False, runner_options={"streaming": True}))
+    run = prepare(RunSettings(dev=True, inputs=[str(tmp_path / "*.jsonl")], schema=str(SCHEMA), policy=str(POLICY), output=str(tmp_path / "out"), state_dir=str(tmp_path / "s"), progress=False, runner_options={"streaming": True}))
     with pytest.raises(ConfigError, match="differs from the policy's k_anonymity window"):
         stream_options_for(run.policy, {"window_seconds": 17})
 
@@ -201,14 +201,14 @@ def test_cli_stream_options_need_streaming(tmp_path, capsys):
     from cloakbeam.cli.main import main
 
     inputs = make_inputs(tmp_path / "in", rows=10, files=1, dirty=0.0)
-    code = main(["run", "--input", inputs[0], "--schema", str(SCHEMA), "--policy", str(POLICY), "--output", str(tmp_path / "out"), "--window-seconds", "30"])
+    code = main(["run", "--dev", "--input", inputs[0], "--schema", str(SCHEMA), "--policy", str(POLICY), "--output", str(tmp_path / "out"), "--window-seconds", "30"])
     assert code == 2 and "applies to --streaming runs only" in capsys.readouterr().err
 
 
 def test_cli_streaming_on_dask_is_refused(tmp_path, capsys):
     from cloakbeam.cli.main import main
 
-    code = main(["run", "--streaming", "--runner", "dask", "--input", str(tmp_path / "*.jsonl"), "--schema", str(SCHEMA), "--policy", str(POLICY), "--output", str(tmp_path / "out")])
+    code = main(["run", "--dev", "--streaming", "--runner", "dask", "--input", str(tmp_path / "*.jsonl"), "--schema", str(SCHEMA), "--policy", str(POLICY), "--output", str(tmp_path / "out")])
     assert code == 2 and "cannot run the streaming pipeline" in capsys.readouterr().err
 
 
@@ -231,7 +231,7 @@ def test_cli_watch_picks_up_files_as_they_arrive(tmp_path, capsys):
 
     t = threading.Thread(target=later)
     t.start()
-    code = main(["run", "--streaming", "--watch-seconds", "6", "--poll-seconds", "1", "--input", str(watch / "*.jsonl"), "--schema", str(SCHEMA), "--policy", str(POLICY), "--output", str(tmp_path / "out"), "--batch-size", "100"])
+    code = main(["run", "--dev", "--streaming", "--watch-seconds", "6", "--poll-seconds", "1", "--input", str(watch / "*.jsonl"), "--schema", str(SCHEMA), "--policy", str(POLICY), "--output", str(tmp_path / "out"), "--batch-size", "100"])
     t.join()
     assert code == 0, capsys.readouterr().err
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
@@ -255,7 +255,7 @@ def test_production_streaming_graph_translates_to_portable_proto(tmp_path, runne
     """On Flink/Dataflow the source is fileio.MatchContinuously; the graph must build and translate (not run here)."""
     from cloakbeam.pipeline.streaming import StreamOptions
 
-    run = prepare(RunSettings(inputs=[str(tmp_path / "*.jsonl")], schema=str(SCHEMA), policy=str(POLICY), output=str(tmp_path / "out"), state_dir=str(tmp_path / "s"), progress=False, runner_options={"streaming": True}))
+    run = prepare(RunSettings(dev=True, inputs=[str(tmp_path / "*.jsonl")], schema=str(SCHEMA), policy=str(POLICY), output=str(tmp_path / "out"), state_dir=str(tmp_path / "s"), progress=False, runner_options={"streaming": True}))
     run.settings.runner = runner
     options = PipelineOptions([])
     options.view_as(StandardOptions).streaming = True

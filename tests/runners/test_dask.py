@@ -119,7 +119,7 @@ def test_reference_graph_has_no_dask_problems(tmp_path):
     from cloakbeam.tests.runners_fixtures import POLICY, SCHEMA
 
     inputs = make_inputs(tmp_path / "in", rows=10, files=1, dirty=0.0)
-    run = prepare(RunSettings(inputs=inputs, schema=str(SCHEMA), policy=str(POLICY), output=str(tmp_path / "out"), state_dir=str(tmp_path / "s"), runner="dask", progress=False))
+    run = prepare(RunSettings(dev=True, inputs=inputs, schema=str(SCHEMA), policy=str(POLICY), output=str(tmp_path / "out"), state_dir=str(tmp_path / "s"), runner="dask", progress=False))
     p = beam.Pipeline()
     build_graph(p, run)
     assert dask_shape_problems(p) == []

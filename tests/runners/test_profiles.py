@@ -80,7 +80,7 @@ def test_cli_refuses_remote_runner_with_default_local_state(name, tmp_path, caps
     from cloakbeam.cli.main import main
 
     inputs = make_inputs(tmp_path / "in", rows=20, files=1, dirty=0.0)
-    code = main(["run", "--runner", name, "--input", inputs[0], "--schema", str(SCHEMA), "--policy", str(POLICY), "--output", str(tmp_path / "out")])
+    code = main(["run", "--dev", "--runner", name, "--input", inputs[0], "--schema", str(SCHEMA), "--policy", str(POLICY), "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2
     assert "local SQLite vault" in err and f"--runner {name}" in err
@@ -105,7 +105,7 @@ def test_cli_dask_address_with_direct_runner_exits_2(tmp_path, capsys):
     from cloakbeam.cli.main import main
 
     inputs = make_inputs(tmp_path / "in", rows=20, files=1, dirty=0.0)
-    code = main(["run", "--input", inputs[0], "--schema", str(SCHEMA), "--policy", str(POLICY), "--output", str(tmp_path / "out"), "--dask-address", "tcp://127.0.0.1:1"])
+    code = main(["run", "--dev", "--input", inputs[0], "--schema", str(SCHEMA), "--policy", str(POLICY), "--output", str(tmp_path / "out"), "--dask-address", "tcp://127.0.0.1:1"])
     assert code == 2
     assert "--dask-address does not apply" in capsys.readouterr().err
 
@@ -187,7 +187,7 @@ def _prepared(tmp_path: Path, rows: int = 600):
     from cloakbeam.pipeline.graph import RunSettings, prepare
 
     inputs = make_inputs(tmp_path / "in", rows=rows, files=1, dirty=0.02)
-    return prepare(RunSettings(inputs=inputs, schema=str(SCHEMA), policy=str(POLICY), output=str(tmp_path / "out"), batch_size=200, state_dir=str(tmp_path / "state"), progress=False))
+    return prepare(RunSettings(dev=True, inputs=inputs, schema=str(SCHEMA), policy=str(POLICY), output=str(tmp_path / "out"), batch_size=200, state_dir=str(tmp_path / "state"), progress=False))
 
 
 @pytest.mark.slow

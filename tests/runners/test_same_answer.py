@@ -87,7 +87,7 @@ def test_parquet_modular_encryption_same_answer_on_dask(tmp_path):
     for runner in ("direct", "dask"):
         from cloakbeam.pipeline.graph import RunSettings, run_pipeline
 
-        m = run_pipeline(RunSettings(inputs=inputs, schema=str(rf.SCHEMA), policy=str(policy), output=str(tmp_path / runner), runner=runner,
+        m = run_pipeline(RunSettings(dev=True, inputs=inputs, schema=str(rf.SCHEMA), policy=str(policy), output=str(tmp_path / runner), runner=runner,
                                      batch_size=200, state_dir=str(state), overwrite=True, progress=False))
         outs[runner] = (m, read_output(tmp_path / runner, state))
     import pyarrow.parquet as pq

@@ -76,7 +76,7 @@ def test_cli_exits_2_with_a_sentence(tmp_path, capsys, reference_inputs):
                            ({"gender": {"action": "keep", "x": 1}}, "unknown parameter 'x'")):
         p = tmp_path / "policy.yaml"
         p.write_text(yaml.safe_dump({"version": 1, "fields": fields}))
-        code = main(["run", "--input", reference_inputs["jsonl"]["path"], "--schema", str(SCHEMA), "--policy", str(p), "--output", str(tmp_path / "out")])
+        code = main(["run", "--dev", "--input", reference_inputs["jsonl"]["path"], "--schema", str(SCHEMA), "--policy", str(p), "--output", str(tmp_path / "out")])
         err = capsys.readouterr().err
         assert code == 2
         assert needle in err

@@ -13,7 +13,7 @@ import pytest
 
 from cloakbeam.errors import ConfigError, IntegrityError
 from cloakbeam.keys.service import open_key_service
-from cloakbeam.tests.vault_fixtures import keyring, pg_dsn, pg_dump, pg_ref, tokenize_worker  # noqa: F401
+from cloakbeam.tests.vault_fixtures import keyring, pg_dsn, pg_dump, pg_ref, service_keys, tokenize_worker  # noqa: F401
 from cloakbeam.vault import Domain, TokenFormat, open_vault
 from cloakbeam.vault.tokens import Tokenizer, luhn_valid
 
@@ -31,7 +31,8 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[s
 
 
 def _open(ref: dict[str, Any], keyring: Any) -> Any:
-    return open_vault(ref, open_key_service(keyring))
+    """The vault as the reveal service opens it (pipeline keyring + reveal keyring)."""
+    return open_vault(ref, service_keys(keyring))
 
 
 def _emails(lo: int, hi: int) -> list[str]:
