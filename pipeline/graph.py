@@ -135,7 +135,10 @@ def _prepare_output(out_dir: str, overwrite: bool, resume: bool = False) -> None
 
 
 def build_graph(p: Any, run: PreparedRun) -> None:
-    """Attach the cloakbeam graph to pipeline `p`: one linear chain with a single end."""
+    """Attach the cloakbeam graph to pipeline `p`: one linear chain with a single end (evidence branches over the
+    raw records, such as DP statistics, rejoin it in one Flatten before the final combine)."""
+    import apache_beam as beam
+
     from cloakbeam.transforms.steps import CollectRunStats, ProtectRecords, ReadRecords, WriteTrainingParquet
 
     s = run.settings
@@ -145,7 +148,18 @@ def build_graph(p: Any, run: PreparedRun) -> None:
     if kanon is not None:
         protected = protected | "EnforceKAnonymity" >> kanon.batch_transform(run.runtime)
     written = protected | "WriteTrainingParquet" >> WriteTrainingParquet(run.out_dir, run.runtime, run.policy)
+    ends = [written] + _evidence_branches(records, run)
+    if len(ends) > 1:  # one final Flatten joins every end: the DaskRunner computes a single leaf (BEAM-NOTES)
+        written = tuple(ends) | "JoinEvidence" >> beam.Flatten()
     _ = written | "CollectRunStats" >> CollectRunStats(run.stats_path)
+
+
+def _evidence_branches(records: Any, run: PreparedRun) -> list[Any]:
+    """Branches over the raw records that end in RunStats elements (differential-privacy statistics)."""
+    dp = run.policy.sections.get("dp_statistics")
+    if dp is None:
+        return []
+    return [records | "DpStatistics" >> dp.beam_transform(run.runtime)]
 
 
 def run_pipeline(settings: RunSettings) -> dict[str, Any]:
