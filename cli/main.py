@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "cloakbeam.cli.classify",  # classify
     "cloakbeam.cli.keys",  # keys init|list|rotate|rewrap, decrypt, verify
     "cloakbeam.cli.vault",  # vault detokenize|forget, audit verify
+    "cloakbeam.cli.evaluate",  # evaluate (release evidence: risk and utility)
 )
 
 
