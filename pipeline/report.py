@@ -278,7 +278,7 @@ def _dp(m: Mapping[str, Any], sig: Mapping[str, Any] | None) -> str:
         if not res:
             out += _missing("No result (the DP step did not report).")
             continue
-        labels = list(res)
+        labels = [k for k in st.get("partitions") or [] if k in res] + [k for k in res if k not in (st.get("partitions") or [])]
         out += bar_chart("DP value per partition (bar: noise std. dev.)", labels, {"DP value": [res[k]["value"] for k in labels]},
                          errors={"DP value": [res[k].get("noise_stddev") for k in labels]})
         bounds = {k: st.get(k) for k in ("max_partitions_contributed", "max_contributions_per_partition", "min_value", "max_value") if st.get(k) is not None}

@@ -231,8 +231,8 @@ class DpStatisticsSection:
         for st in self.spec.statistics:
             entry = st.describe()
             got = results.get(st.name)
-            # Declared partition order (the policy's, not alphabetical), so bands read from low to high.
-            entry["results"] = {k: got["results"][k] for k in st.partitions() if k in got["results"]} if got else None
+            entry["partitions"] = st.partitions()  # the declared order (JSON objects are written with sorted keys)
+            entry["results"] = got["results"] if got else None
             stats.append(entry)
         out = self.describe()
         out["statistics"] = stats
