@@ -74,7 +74,7 @@ def _keys(args: argparse.Namespace) -> Any:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from cloakbeam.pipeline.evaluate import EvaluationSettings, evaluate_release
+    from cloakbeam.pipeline.evaluate import EvaluationSettings, check_label, evaluate_release
     from cloakbeam.pipeline.report import build_report
     from cloakbeam.schemas.avro import load_schema
     from cloakbeam.transforms.policy import load_policy
@@ -86,8 +86,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError(f"{out_dir} holds no readable manifest.json; point --released at a run's output directory") from None
     schema = load_schema(_checked(args.schema, manifest.get("schema", {}), "schema"))
     policy = load_policy(_checked(args.policy, manifest.get("policy", {}), "policy"), schema)
-    if args.label is not None and args.label not in policy.output_actions:
-        raise ConfigError(f"--label {args.label} is not a field the policy releases")
+    check_label(policy, args.label)
     keys = _keys(args)
     try:
         found = evaluate_release(policy, manifest, out_dir, EvaluationSettings(

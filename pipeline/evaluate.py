@@ -172,6 +172,17 @@ def _adversary_form(table: pa.Table, fields: Sequence[str], views: Mapping[str, 
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
+def check_label(policy: Any, label: str | None) -> None:
+    """A label given for evaluation must be released in clear (`keep`); raise ConfigError with a sentence otherwise."""
+    if label is None:
+        return
+    action = policy.output_actions.get(label)
+    if action is None:
+        raise ConfigError(f"--label {label} is not a field the policy releases; name a kept field such as the training label")
+    if action.name != "keep":
+        raise ConfigError(f"--label {label} is released with action '{action.name}'; a training label must be kept in clear")
+
+
 def evaluate_release(policy: Any, manifest: Mapping[str, Any], out_dir: str, settings: EvaluationSettings) -> dict[str, Any]:
     """Return {"risk": ..., "utility": ...} for the release in `out_dir` described by `manifest`."""
     if settings.sample < 100:
@@ -296,8 +307,11 @@ def _utility_section(policy: Any, raw: pa.Table, rel: pa.Table, settings: Evalua
         return {"measured": False, "reason": "no kept or generalized feature to train on"}
     (rtr, rte), how_raw = _split_rows(raw, policy, settings.keys, settings.seed, released=False)
     (str_, ste), how_rel = _split_rows(rel, policy, settings.keys, settings.seed, released=True)
-    raw_scores = _utility.train_and_score(raw.filter(pa.array(rtr)), raw.filter(pa.array(rte)), features, label)
-    rel_scores = _utility.train_and_score(rel.filter(pa.array(str_)), rel.filter(pa.array(ste)), features, label)
+    try:
+        raw_scores = _utility.train_and_score(raw.filter(pa.array(rtr)), raw.filter(pa.array(rte)), features, label)
+        rel_scores = _utility.train_and_score(rel.filter(pa.array(str_)), rel.filter(pa.array(ste)), features, label)
+    except ValueError as exc:  # a label that is not binary: the message names the label and counts, never a value
+        return {"measured": False, "label": label, "reason": str(exc)}
     out: dict[str, Any] = {
         "measured": bool(raw_scores.get("measured") and rel_scores.get("measured")),
         "label": label,

@@ -129,9 +129,9 @@ def _check_evaluation(settings: RunSettings, policy: CompiledPolicy) -> None:
         raise ConfigError("--evaluate applies to batch runs; evaluate a streaming output's windows with `cloakbeam evaluate`")
     if settings.evaluate_sample < 100:
         raise ConfigError("--evaluate-sample must be at least 100 rows")
-    label = settings.evaluate_label
-    if label is not None and label not in policy.output_actions:
-        raise ConfigError(f"--label {label} is not a field the policy releases; name a kept field such as the training label")
+    from cloakbeam.pipeline.evaluate import check_label
+
+    check_label(policy, settings.evaluate_label)
     if settings.holdout:
         _check_inputs(settings.holdout)
 
