@@ -143,14 +143,20 @@ def adversary_views(policy: Any, manifest: Mapping[str, Any]) -> dict[str, Calla
     from cloakbeam.transforms.registry import ActionContext
 
     ctx = ActionContext(None)
+
+    def level_view(h: Any, lv: int) -> Callable[[pa.Array, Mapping[str, pa.Array]], pa.Array]:
+        return lambda col, cols: h.apply(canonical_string(col), lv)
+
+    def action_view(a: Any) -> Callable[[pa.Array, Mapping[str, pa.Array]], pa.Array]:
+        return lambda col, cols: canonical_string(a.apply(col, cols, ctx))
+
     for path, action in policy.output_actions.items():
         if path in qis:
             if path not in levels:
                 continue  # streaming runs release per-window levels: no single published level to apply
-            h, lv = qis[path], int(levels[path]["level"])
-            views[path] = lambda col, cols, h=h, lv=lv: h.apply(canonical_string(col), lv)
+            views[path] = level_view(qis[path], int(levels[path]["level"]))
         elif action.name in FEATURE_ACTIONS:
-            views[path] = lambda col, cols, a=action: canonical_string(a.apply(col, cols, ctx))
+            views[path] = action_view(action)
     return views
 
 

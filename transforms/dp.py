@@ -60,8 +60,10 @@ class GroupBy:
     def labels(self) -> list[str]:
         if not self.bands:
             return list(self.partitions)
-        e = [_num(b) for b in self.bands]
-        return [f"<{e[0]}"] + [f"{a}-{_below(b)}" for a, b in zip(e, e[1:])] + [f"{e[-1]}+"]
+        b = list(self.bands)
+        if self.as_of:  # ages in whole years: "30-44" reads as 30 to 44 inclusive
+            return [f"<{_num(b[0])}"] + [f"{_num(lo)}-{_below(hi)}" for lo, hi in zip(b, b[1:])] + [f"{_num(b[-1])}+"]
+        return [f"<{_num(b[0])}"] + [f"[{_num(lo)}, {_num(hi)})" for lo, hi in zip(b, b[1:])] + [f">={_num(b[-1])}"]
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"field": self.field}

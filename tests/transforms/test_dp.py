@@ -93,11 +93,12 @@ def test_group_keys_declared_partitions_and_bands():
     cols = {"g": pa.array(["female", "other", None, "male"]), "x": pa.array([5.0, 30.0, None, 64.9]),
             "d": pa.array([dt.date(2000, 1, 2), dt.date(1995, 1, 1), dt.date(1960, 6, 1), None])}
     assert group_keys(cols, GroupBy("g", partitions=("female", "male")), 4).to_pylist() == ["female", None, None, "male"]
-    assert group_keys(cols, GroupBy("x", bands=(30.0, 65.0)), 4).to_pylist() == ["<30", "30-64", None, "30-64"]
+    assert group_keys(cols, GroupBy("x", bands=(30.0, 65.0)), 4).to_pylist() == ["<30", "[30, 65)", None, "[30, 65)"]
     # Age in whole years at as_of: born 2000-01-02 is 24 on 2025-01-01 (birthday not reached), 1995-01-01 is 30.
     ages = group_keys(cols, GroupBy("d", bands=(25.0, 30.0, 65.0), as_of="2025-01-01"), 4).to_pylist()
     assert ages == ["<25", "30-64", "30-64", None]
-    assert GroupBy("x", bands=(30.0, 45.0, 65.0)).labels() == ["<30", "30-44", "45-64", "65+"]
+    assert GroupBy("d", bands=(30.0, 45.0, 65.0), as_of="2025-01-01").labels() == ["<30", "30-44", "45-64", "65+"]
+    assert GroupBy("x", bands=(12.5, 30.0)).labels() == ["<12.5", "[12.5, 30)", ">=30"]
     assert group_keys(cols, None, 4).to_pylist() == ["all"] * 4
 
 
