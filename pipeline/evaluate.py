@@ -5,7 +5,7 @@ Where it runs and what it holds: in the launching process, after the pipeline ha
 the raw input (the adversary's knowledge) and the released files the manifest lists (so a staged or nested
 output layout is followed, never guessed). The linkage attack streams every record, batch by batch, and keeps only
 counts per released quasi-identifier class (memory grows with the number of classes). The membership test and the
-models use bounded uniform samples (`sample` rows, default 20,000; the DCR reference set at most 10,000 rows).
+models use bounded uniform samples (`sample` rows, default 20,000, which is also the DCR reference set).
 Nothing it computes is written except figures: no value, no digest, no row.
 """
 
@@ -30,7 +30,6 @@ from cloakbeam.transforms.generalize import canonical_string
 from cloakbeam.transforms.protect import flatten_columns
 
 DEFAULT_SAMPLE = 20_000
-DCR_REFERENCE = 10_000
 DCR_CANDIDATES = 1_000
 QI_CLASSES = frozenset({"DATE_OF_BIRTH", "POSTAL_CODE", "GENDER", "AGE", "ZIP"})
 FEATURE_ACTIONS = frozenset({"keep", "generalize"})
@@ -222,7 +221,7 @@ def evaluate_release(policy: Any, manifest: Mapping[str, Any], out_dir: str, set
     else:
         risk["linkage"] = None
         risk["statement"] = "no quasi-identifier is released in a form an adversary can compute: linkage on QIs is not possible"
-    risk["membership_inference"] = _membership(policy, raw, rel, views, settings)
+    risk["membership_inference"] = _membership(policy, raw, rel, views, settings, rel_sample.seen)
 
     utility = _utility_section(policy, raw, rel, settings, views)
     utility["sample"] = {"raw_rows_seen": raw_sample.seen, "released_rows_seen": rel_sample.seen,
@@ -230,7 +229,8 @@ def evaluate_release(policy: Any, manifest: Mapping[str, Any], out_dir: str, set
     return {"risk": risk, "utility": utility}
 
 
-def _membership(policy: Any, raw: pa.Table, rel: pa.Table, views: Mapping[str, Callable[..., pa.Array]], settings: EvaluationSettings) -> dict[str, Any]:
+def _membership(policy: Any, raw: pa.Table, rel: pa.Table, views: Mapping[str, Callable[..., pa.Array]], settings: EvaluationSettings,
+                released_total: int) -> dict[str, Any]:
     """DCR test: members are raw input records, non-members held-out records; both seen in released form."""
     if not settings.holdout:
         return {"measured": False,
@@ -242,8 +242,11 @@ def _membership(policy: Any, raw: pa.Table, rel: pa.Table, views: Mapping[str, C
     fields = [f for f in views if f in rel.column_names]
     if nonmembers is None or not fields:
         return {"measured": False, "reason": "no held-out record parsed" if nonmembers is None else "no released field an adversary can compute"}
-    members = raw.slice(0, min(DCR_CANDIDATES, raw.num_rows))
-    reference = rel.slice(0, min(DCR_REFERENCE, rel.num_rows))
+    # Members drawn at random from the raw sample, the reference is the whole released sample: slicing either would
+    # pair early input rows with early output files and overstate the attack.
+    rng = np.random.default_rng(settings.seed + 3)
+    members = raw.take(pa.array(np.sort(rng.choice(raw.num_rows, min(DCR_CANDIDATES, raw.num_rows), replace=False))))
+    reference = rel
     kept = {p for p, a in policy.output_actions.items() if a.name == "keep"}
     kinds = {f: ("number" if f in kept and _utility.feature_kind(rel.schema.field(f).type) == "number" and rel.schema.field(f).type != pa.bool_()
                  else "category") for f in fields}
@@ -261,7 +264,11 @@ def _membership(policy: Any, raw: pa.Table, rel: pa.Table, views: Mapping[str, C
     m, h, r = _risk.encode_features([view(members, True), view(nonmembers, True), view(reference, False)], kinds)
     is_number = np.array([kinds[f] == "number" for f in fields])
     result = _risk.membership_inference(_risk.distance_to_closest(m, r, is_number), _risk.distance_to_closest(h, r, is_number))
-    result.update(measured=True, features=fields, reference_rows=int(reference.num_rows),
+    share = reference.num_rows / max(released_total, 1)
+    if share < 1:
+        result["statement"] += (f"; a lower bound: the reference is a {share:.0%} sample of the release, so some members' "
+                                "released records are not in it (raise --evaluate-sample to tighten it)")
+    result.update(measured=True, features=fields, reference_rows=int(reference.num_rows), reference_share=round(share, 4),
                   adversary="holds each candidate's full raw record and the published policy")
     return result
 
