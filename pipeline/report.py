@@ -276,7 +276,7 @@ def _dp(m: Mapping[str, Any], sig: Mapping[str, Any] | None) -> str:
         title = f"{st['name']}: {st['metric']}" + (f" of {st.get('value')}" if st.get("value") else "") + f" (epsilon {st['epsilon']:g}, delta {st['delta']:g}, {st['noise']} noise)"
         out += f"<h3>{esc(title)}</h3>"
         if not res:
-            out += _missing("No result (the DP step did not report).")
+            out += _missing(f"No result: {d.get('reason') or 'the DP step did not report'}.")
             continue
         labels = [k for k in st.get("partitions") or [] if k in res] + [k for k in res if k not in (st.get("partitions") or [])]
         out += bar_chart("DP value per partition (bar: noise std. dev.)", labels, {"DP value": [res[k]["value"] for k in labels]},

@@ -132,23 +132,30 @@ def encode_features(tables: Sequence[Mapping[str, pa.Array]], kinds: Mapping[str
     return [np.column_stack(m) if m else np.zeros((len(next(iter(t.values()))) if t else 0, 0)) for m, t in zip(mats, tables)]
 
 
-def distance_to_closest(candidates: np.ndarray, released: np.ndarray, is_number: np.ndarray, chunk: int = 64) -> np.ndarray:
-    """Per candidate row, the smallest mean per-feature distance to any released row (chunked; bounded memory)."""
+def distance_to_closest(candidates: np.ndarray, released: np.ndarray, is_number: np.ndarray, chunk: int = 128) -> np.ndarray:
+    """Per candidate row, the smallest mean per-feature distance to any released row (chunked; bounded memory).
+
+    Categories: 0 when equal, 1 otherwise (a null never equals anything); numbers: |a - b| capped at 1, 1 when
+    either is null."""
     out = np.empty(len(candidates), np.float64)
-    if not len(released):
+    n_features = candidates.shape[1] if candidates.ndim == 2 else 0
+    if not len(released) or not n_features:
         out[:] = 1.0
         return out
     num = is_number.astype(bool)
+    cat = ~num
+    rc = np.where(released[:, cat] < 0, -1, released[:, cat]).astype(np.int32)
+    cc_all = np.where(candidates[:, cat] < 0, -2, candidates[:, cat]).astype(np.int32)
+    rn = released[:, num].astype(np.float32)
+    cn_all = candidates[:, num].astype(np.float32)
     for s in range(0, len(candidates), chunk):
-        c = candidates[s:s + chunk, None, :]
-        r = released[None, :, :]
-        d = np.empty((c.shape[0], r.shape[1], c.shape[2]), np.float32)
+        total = np.zeros((min(chunk, len(candidates) - s), len(released)), np.float32)
+        if cat.any():
+            total += (cc_all[s:s + chunk, None, :] != rc[None, :, :]).sum(axis=2, dtype=np.int16)
         if num.any():
-            dn = np.abs(c[:, :, num] - r[:, :, num])
-            d[:, :, num] = np.where(np.isnan(dn), 1.0, np.minimum(dn, 1.0))
-        if (~num).any():
-            d[:, :, ~num] = (c[:, :, ~num] != r[:, :, ~num]) | (c[:, :, ~num] < 0)
-        out[s:s + chunk] = d.mean(axis=2).min(axis=1)
+            d = np.abs(cn_all[s:s + chunk, None, :] - rn[None, :, :])
+            total += np.minimum(np.nan_to_num(d, nan=1.0), 1.0).sum(axis=2)
+        out[s:s + chunk] = total.min(axis=1) / n_features
     return out
 
 

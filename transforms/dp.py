@@ -239,6 +239,9 @@ class DpStatisticsSection:
         out = self.describe()
         out["statistics"] = stats
         out["computed"] = all(e["results"] is not None for e in stats)
+        if not out["computed"]:
+            out["reason"] = ("the run reported no DP results: streaming runs do not compute dp_statistics (a per-window "
+                             "statistic would spend the budget once per window); run the data as a batch job for them")
         out["summary"] = (f"{len(stats)} statistics, epsilon spent {self.spec.spent_epsilon:g} of {self.spec.budget_epsilon:g}"
                           + (f", delta {self.spec.spent_delta:g} of {self.spec.budget_delta:g}" if self.spec.budget_delta else ""))
         return out
