@@ -127,6 +127,9 @@ def _check_evaluation(settings: RunSettings, policy: CompiledPolicy) -> None:
     """`--evaluate` options are checked before any data moves."""
     if settings.runner_options.get("streaming"):
         raise ConfigError("--evaluate applies to batch runs; evaluate a streaming output's windows with `cloakbeam evaluate`")
+    if "parquet_encryption" in policy.sections:
+        raise ConfigError("--evaluate reads the released files, which Parquet modular encryption (the policy's parquet_encryption "
+                          "section) makes unreadable without the reader's keys; evaluate a release made without it")
     if settings.evaluate_sample < 100:
         raise ConfigError("--evaluate-sample must be at least 100 rows")
     from cloakbeam.pipeline.evaluate import check_label

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,11 +191,6 @@ def compile_section(value: Any, schema: InputSchema, policy: CompiledPolicy) -> 
     section = SplitSection(SplitSpec(by, tuple(pairs)))
     policy.checks.append(section.check)
     return section
-
-
-def split_of_rows(subjects: Sequence[Any], key: bytes, spec: SplitSpec) -> list[str | None]:
-    """Convenience for evaluation code and tests: the split of each subject value."""
-    return assign(pa.array(subjects, pa.string()), key, spec).to_pylist()
 
 
 register_section(SECTION, compile_section)

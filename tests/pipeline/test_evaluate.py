@@ -90,6 +90,14 @@ def test_run_evaluate_bad_options_fail_before_data_moves(tmp_path, capsys):
     assert "at least 100 rows" in capsys.readouterr().err
     assert main(base + ["--holdout", src]) == 2
     assert "apply with --evaluate" in capsys.readouterr().err
+    import yaml
+
+    doc = yaml.safe_load(POLICY.read_text())
+    doc["parquet_encryption"] = {"columns": {"default": ["income"]}}
+    pme = tmp_path / "pme.yaml"
+    pme.write_text(yaml.safe_dump(doc, sort_keys=False))
+    assert main([*base[:5], "--policy", str(pme), *base[7:], "--evaluate"]) == 2
+    assert "Parquet modular encryption" in capsys.readouterr().err
     assert not (tmp_path / "o" / "data").exists()
 
 
