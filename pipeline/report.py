@@ -201,9 +201,10 @@ def _risk(m: Mapping[str, Any], sig: Mapping[str, Any] | None) -> str:
     out = ""
     batch = (_sections(m).get("k_anonymity") or {}).get("batch") or {}
     if batch:
-        out += "<h3>Bounds from k (the search's classes)</h3>"
-        out += table(("model", "highest risk"), [("prosecutor", batch.get("prosecutor_risk")), ("journalist", batch.get("journalist_risk")),
-                                                  ("marketer", batch.get("marketer_risk"))])
+        out += "<h3>Bounds from k (the search's classes; no population table)</h3>"
+        out += table(("model", "figure", "value"), [("prosecutor", "1 / smallest class", batch.get("prosecutor_risk")),
+                                                     ("journalist", "mean over classes of 1 / class size", batch.get("journalist_risk")),
+                                                     ("marketer", "classes / released records", batch.get("marketer_risk"))])
     r = _sections(m).get("risk")
     if not r or not r.get("measured"):
         return out + _missing("Measured risk: not evaluated for this run (run with --evaluate, or `cloakbeam evaluate`).")
