@@ -196,6 +196,9 @@ def print_summary(manifest: dict[str, Any], seconds: float, output: str) -> None
         summary = report.get("summary") or report.get("statement") if isinstance(report, dict) else None
         if summary:
             lines.append(f"  {name}: {summary}")
+    mi = (manifest.get("sections", {}).get("risk") or {}).get("membership_inference") or {}
+    if mi:
+        lines.append(f"  membership: {mi.get('statement') if mi.get('measured') else 'not measured: ' + str(mi.get('reason'))}")
     out = os.path.abspath(output)
     lines += ["", f"  output        {out}", f"  manifest      {os.path.join(out, 'manifest.json')}"]
     if os.path.exists(os.path.join(out, "report.html")):
