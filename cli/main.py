@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "cloakbeam.cli.keys",  # keys init|list|rotate|rewrap, decrypt, verify
     "cloakbeam.cli.vault",  # vault detokenize|forget, audit verify
     "cloakbeam.cli.serve",  # serve (the reveal service)
+    "cloakbeam.cli.evaluate",  # evaluate (release evidence: risk and utility)
 )
 
 

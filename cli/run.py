@@ -24,6 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--policy", required=True, metavar="FILE", help="policy YAML mapping each field to an action")
     run.add_argument("--output", required=True, metavar="DIR", help="output directory")
     _common_run_args(run)
+    run.add_argument("--evaluate", action="store_true", help="after the run, measure re-identification risk and ML utility on a sample (docs/release-evidence.md)")
+    run.add_argument("--label", default=None, metavar="FIELD", help="--evaluate: binary training label (default: the schema field of class LABEL)")
+    run.add_argument("--holdout", action="append", default=[], metavar="GLOB", help="--evaluate: records the run does not see, for the membership test")
+    run.add_argument("--evaluate-sample", type=int, default=20_000, metavar="N", help="--evaluate: rows sampled for models and membership test (default 20000)")
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser(
@@ -40,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--runner", default="direct", help="runner profile (default direct)")
     demo.add_argument("--batch-size", type=int, default=65_536)
     demo.add_argument("--state-dir", default=None, help="local state directory (default DIR/.cloakbeam)")
+    demo.add_argument("--no-evaluate", dest="evaluate", action="store_false", help="skip the risk and utility evaluation")
     demo.set_defaults(func=cmd_demo)
 
     gen = sub.add_parser(
@@ -107,7 +112,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         runner_options=_runner_options(args),
         dev=args.dev,
+        evaluate=args.evaluate,
+        evaluate_label=args.label,
+        evaluate_sample=args.evaluate_sample,
+        holdout=args.holdout,
     )
+    if not args.evaluate and (args.label or args.holdout):
+        raise ConfigError("--label and --holdout apply with --evaluate")
     t0 = time.monotonic()
     manifest = run_pipeline(settings)
     print_summary(manifest, time.monotonic() - t0, args.output)
@@ -124,6 +135,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     src = work / "input" / f"customers.{args.format}"
     print(f"cloakbeam demo: generating {args.rows:,} synthetic customers ({args.dirty:.0%} dirty) -> {src}", file=sys.stderr)
     generate(src, args.rows, seed=args.seed, fmt=args.format, dirty=args.dirty)
+    # Held-out customers of the same population (another seed), never given to the run: the membership test's non-members.
+    holdout = work / "input" / f"holdout.{args.format}"
+    if args.evaluate:
+        generate(holdout, max(200, min(2_000, args.rows // 10)), seed=args.seed + 1_000_003, fmt=args.format, dirty=0.0)
     print(f"cloakbeam demo: running the reference policy on the {args.runner} runner", file=sys.stderr)
     settings = RunSettings(
         inputs=[str(src)],
@@ -137,10 +152,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         beam_args=args.beam_args,
         progress="always",
         dev=True,  # the demo is the one command that makes its own development keyring pair
+        evaluate=args.evaluate,
+        holdout=[str(holdout)] if args.evaluate else [],
     )
     t0 = time.monotonic()
     manifest = run_pipeline(settings)
     print_summary(manifest, time.monotonic() - t0, settings.output)
+    print(f"cloakbeam demo: report {os.path.join(settings.output, 'report.html')}")
     return 0
 
 
@@ -178,8 +196,15 @@ def print_summary(manifest: dict[str, Any], seconds: float, output: str) -> None
         desc = action["action"] + (" (default deny)" if "reason" in action else "")
         lines.append(f"  {path:<16} {f['class']:<14} {desc}")
     for name, report in manifest.get("sections", {}).items():
-        summary = report.get("summary") if isinstance(report, dict) else None
+        summary = report.get("summary") or report.get("statement") if isinstance(report, dict) else None
         if summary:
             lines.append(f"  {name}: {summary}")
-    lines += ["", f"  output        {os.path.abspath(output)}", f"  manifest      {os.path.join(os.path.abspath(output), 'manifest.json')}", ""]
+    mi = (manifest.get("sections", {}).get("risk") or {}).get("membership_inference") or {}
+    if mi:
+        lines.append(f"  membership: {mi.get('statement') if mi.get('measured') else 'not measured: ' + str(mi.get('reason'))}")
+    out = os.path.abspath(output)
+    lines += ["", f"  output        {out}", f"  manifest      {os.path.join(out, 'manifest.json')}"]
+    if os.path.exists(os.path.join(out, "report.html")):
+        lines.append(f"  report        {os.path.join(out, 'report.html')}")
+    lines.append("")
     print("\n".join(lines))

@@ -23,11 +23,14 @@ class FileStat:
     sha256: str
     kind: str = "data"  # "data" | "quarantine"
     window: str | None = None
+    split: str | None = None  # the train/validation/test partition of a data file (policy section `split`)
 
     def to_json(self) -> dict[str, Any]:
         d = {"path": self.path, "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256, "kind": self.kind}
         if self.window is not None:
             d["window"] = self.window
+        if self.split is not None:
+            d["split"] = self.split
         return d
 
 

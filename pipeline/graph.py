@@ -27,6 +27,7 @@ from cloakbeam.core.config import (
 )
 from cloakbeam.errors import ConfigError, KeyAccessError
 from cloakbeam.pipeline.manifest import build_manifest, check_reconciled, write_manifest
+from cloakbeam.pipeline.report import write_report
 from cloakbeam.schemas.avro import load_schema
 from cloakbeam.transforms.policy import CompiledPolicy, load_policy
 
@@ -52,6 +53,11 @@ class RunSettings:
     progress: bool | str = True
     runner_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"dask_address": ..., "workers": 2}
     dev: bool = False  # create an unprotected development keyring pair when none is configured (demo, --dev)
+    #: Release evidence after the run (pipeline/evaluate.py): measured risk and ML utility on a bounded sample.
+    evaluate: bool = False
+    evaluate_label: str | None = None
+    evaluate_sample: int = 20_000
+    holdout: Sequence[str] = field(default_factory=list)
 
 
 @dataclass
@@ -73,6 +79,8 @@ def prepare(settings: RunSettings) -> PreparedRun:
     policy = load_policy(settings.policy, schema)
     if not settings.runner_options.get("streaming"):  # a streaming watch may start before its first file
         _check_inputs(settings.inputs)
+    if settings.evaluate:
+        _check_evaluation(settings, policy)
     config = load_config_file(settings.config)
     state = resolve_state_dir(settings.state_dir, config)
     keys = key_ref_from(config, state)
@@ -131,6 +139,22 @@ def _check_inputs(patterns: Sequence[str]) -> None:
             raise ConfigError(f"input pattern {pattern} matches no file")
 
 
+def _check_evaluation(settings: RunSettings, policy: CompiledPolicy) -> None:
+    """`--evaluate` options are checked before any data moves."""
+    if settings.runner_options.get("streaming"):
+        raise ConfigError("--evaluate applies to batch runs; evaluate a streaming output's windows with `cloakbeam evaluate`")
+    if "parquet_encryption" in policy.sections:
+        raise ConfigError("--evaluate reads the released files, which Parquet modular encryption (the policy's parquet_encryption "
+                          "section) makes unreadable without the reader's keys; evaluate a release made without it")
+    if settings.evaluate_sample < 100:
+        raise ConfigError("--evaluate-sample must be at least 100 rows")
+    from cloakbeam.pipeline.evaluate import check_label
+
+    check_label(policy, settings.evaluate_label)
+    if settings.holdout:
+        _check_inputs(settings.holdout)
+
+
 def _prepare_output(out_dir: str, overwrite: bool, resume: bool = False) -> None:
     if not fsio.is_local(out_dir):
         return
@@ -141,7 +165,7 @@ def _prepare_output(out_dir: str, overwrite: bool, resume: bool = False) -> None
         # restart rewrites the same files instead of adding duplicates (pipeline/streaming.py).
         os.makedirs(out_dir, exist_ok=True)
         return
-    existing = [n for n in ("data", "quarantine", "manifest.json", "manifests") if os.path.exists(os.path.join(out_dir, n))]
+    existing = [n for n in ("data", "quarantine", "manifest.json", "manifests", "report.html") if os.path.exists(os.path.join(out_dir, n))]
     if existing and not overwrite:
         raise ConfigError(f"output directory {out_dir} already holds a run ({existing[0]}); choose another --output or pass --overwrite")
     for n in existing:
@@ -151,7 +175,10 @@ def _prepare_output(out_dir: str, overwrite: bool, resume: bool = False) -> None
 
 
 def build_graph(p: Any, run: PreparedRun) -> None:
-    """Attach the cloakbeam graph to pipeline `p`: one linear chain with a single end."""
+    """Attach the cloakbeam graph to pipeline `p`: one linear chain with a single end (evidence branches over the
+    raw records, such as DP statistics, rejoin it in one Flatten before the final combine)."""
+    import apache_beam as beam
+
     from cloakbeam.transforms.steps import CollectRunStats, ProtectRecords, ReadRecords, WriteTrainingParquet
 
     s = run.settings
@@ -161,7 +188,18 @@ def build_graph(p: Any, run: PreparedRun) -> None:
     if kanon is not None:
         protected = protected | "EnforceKAnonymity" >> kanon.batch_transform(run.runtime)
     written = protected | "WriteTrainingParquet" >> WriteTrainingParquet(run.out_dir, run.runtime, run.policy)
+    ends = [written] + _evidence_branches(records, run)
+    if len(ends) > 1:  # one final Flatten joins every end: the DaskRunner computes a single leaf (BEAM-NOTES)
+        written = tuple(ends) | "JoinEvidence" >> beam.Flatten()
     _ = written | "CollectRunStats" >> CollectRunStats(run.stats_path)
+
+
+def _evidence_branches(records: Any, run: PreparedRun) -> list[Any]:
+    """Branches over the raw records that end in RunStats elements (differential-privacy statistics)."""
+    dp = run.policy.sections.get("dp_statistics")
+    if dp is None:
+        return []
+    return [records | "DpStatistics" >> dp.beam_transform(run.runtime)]
 
 
 def run_pipeline(settings: RunSettings) -> dict[str, Any]:
@@ -200,10 +238,29 @@ def run_pipeline(settings: RunSettings) -> dict[str, Any]:
         key_ref=run.runtime.keys.describe(),
     )
     _attach_key_records(manifest, run)
+    if settings.evaluate:
+        _attach_evaluation(manifest, run)
     path = write_manifest(run.out_dir, manifest)
     _sign(path, run)
+    write_report(run.out_dir, manifest)
     check_reconciled(manifest)
     return manifest
+
+
+def _attach_evaluation(manifest: dict[str, Any], run: PreparedRun) -> None:
+    """Measured risk and utility (`sections.risk`, `sections.utility`) over the committed release."""
+    from cloakbeam.keys.service import open_key_service
+    from cloakbeam.pipeline.evaluate import EvaluationSettings, evaluate_release
+
+    s = run.settings
+    ks = open_key_service(run.runtime.keys)
+    try:
+        found = evaluate_release(run.policy, manifest, run.out_dir, EvaluationSettings(
+            inputs=list(s.inputs), label=s.evaluate_label, holdout=list(s.holdout), input_format=s.input_format,
+            sample=s.evaluate_sample, keys=ks, batch_size=s.batch_size))
+    finally:
+        ks.close()
+    manifest.setdefault("sections", {}).update(found)
 
 
 class _nullcontext:

@@ -84,7 +84,7 @@ def build_manifest(
     sections = {}
     for name, section in policy.sections.items():
         if hasattr(section, "report"):
-            sections[name] = section.report(stats)
+            sections[getattr(section, "manifest_name", name)] = section.report(stats)
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "run_id": run_id,

@@ -389,7 +389,7 @@ def stats_from_window_manifests(manifests: Iterable[dict[str, Any]]) -> RunStats
         s.reasons.update(m.get("quarantine_reasons", {}))
         for kind, key in (("data", "outputs"), ("quarantine", "quarantine")):
             for f in m.get(key, []):
-                s.files.append(FileStat(path=f["path"], rows=f["rows"], bytes=f["bytes"], sha256=f["sha256"], kind=kind, window=f.get("window")))
+                s.files.append(FileStat(path=f["path"], rows=f["rows"], bytes=f["bytes"], sha256=f["sha256"], kind=kind, window=f.get("window"), split=f.get("split")))
         for i in m.get("inputs", []):
             i = dict(i)
             s.inputs[i.pop("path")] = i
@@ -438,5 +438,8 @@ def run_streaming(settings: Any) -> dict[str, Any]:
     _attach_key_records(manifest, run)
     path = write_manifest(run.out_dir, manifest)
     _sign(path, run)
+    from cloakbeam.pipeline.report import write_report
+
+    write_report(run.out_dir, manifest)
     check_reconciled(manifest)
     return manifest

@@ -113,6 +113,9 @@ def comparable_manifest(m: dict[str, Any]) -> dict[str, Any]:
         "quarantine": sorted((q["path"], q["rows"]) for q in m["quarantine"]),
         "fields": m["fields"],
         "dropped_fields": m["dropped_fields"],
+        "splits": (m.get("sections", {}).get("splits") or {}).get("counts"),
+        # DP results are noisy by design; what must agree is which statistics and partitions were computed.
+        "dp_statistics": sorted((s["name"], tuple(sorted(s["results"] or {}))) for s in (m.get("sections", {}).get("dp_statistics") or {}).get("statistics", [])),
     }
 
 

@@ -36,6 +36,8 @@ __all__ = ["CompiledPolicy", "compile_policy", "load_policy", "SECTION_MODULES"]
 SECTION_MODULES = (
     "cloakbeam.transforms.classify",
     "cloakbeam.transforms.kanon",
+    "cloakbeam.transforms.split",
+    "cloakbeam.transforms.dp",
     "cloakbeam.keys.parquet_encryption",
 )
 

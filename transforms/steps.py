@@ -29,7 +29,7 @@ from cloakbeam.core.stats import RunStats, is_stats
 from cloakbeam.schemas.avro import InputSchema, schema_from_dict
 from cloakbeam.transforms.ingest import Rejected, detect_format, read_source
 from cloakbeam.transforms.quarantine import quarantine_entry, write_quarantine
-from cloakbeam.transforms.write import BATCH_ID_KEY, batch_id, write_parquet_file
+from cloakbeam.transforms.write import BATCH_ID_KEY, batch_id, write_training_files
 
 
 @dataclass(frozen=True)
@@ -174,6 +174,7 @@ class _ProtectFn(beam.DoFn):
         self.ctx = _runtime_context(self.runtime)
         self._protect = protect_batch_with_rejects
         self._sent_keys: set[str] = set()
+        self.split = self.policy.sections.get("split")
 
     def teardown(self) -> None:
         self.ctx.close()
@@ -184,6 +185,8 @@ class _ProtectFn(beam.DoFn):
             return
         meta = element.schema.metadata or {}
         out, rejected = self._protect(element, self.policy, self.ctx, self.output_schema)
+        if self.split is not None:
+            out = _with_split(out, element, rejected, self.split, self.ctx)
         if BATCH_ID_KEY in meta:
             out = out.replace_schema_metadata({**(out.schema.metadata or {}), BATCH_ID_KEY: meta[BATCH_ID_KEY]})
         if rejected:
@@ -220,6 +223,22 @@ class _ProtectFn(beam.DoFn):
         for _, reason, _ in rejected:
             stats.reasons[reason] += 1
         return stats
+
+
+def _with_split(protected: pa.RecordBatch, raw: pa.RecordBatch, rejected: list[tuple[int, str, str]], section: Any, ctx: Any) -> pa.RecordBatch:
+    """Label each protected row with its split, computed from the raw subject (rows the protect step rejected are
+    not in `protected`, so their labels are left out the same way)."""
+    import numpy as np
+
+    from cloakbeam.transforms.protect import flatten_columns
+    from cloakbeam.transforms.split import attach
+
+    labels = section.labels(flatten_columns(raw), ctx)
+    if rejected:
+        keep = np.ones(raw.num_rows, dtype=bool)
+        keep[[r for r, _, _ in rejected]] = False
+        labels = labels.filter(pa.array(keep))
+    return attach(protected, labels)
 
 
 def _field_classes(policy: Any) -> dict[str, str]:
@@ -270,11 +289,11 @@ class _WriteFn(beam.DoFn):
             return
         kwargs = self.section.writer_kwargs(self.ctx) if self.section is not None else {}
         win = _window_label(window)
-        stat = write_parquet_file(element, self.out_dir, kwargs, _key_metadata(self.ctx), window=win)
+        stats = write_training_files(element, self.out_dir, kwargs, _key_metadata(self.ctx), window=win)
         self.progress.send("written", element.num_rows)
         out = RunStats()
-        out.files.append(stat)
-        out.counts["written"] += element.num_rows
+        out.files.extend(stats)
+        out.counts["written"] += sum(f.rows for f in stats)
         yield out
 
 

@@ -39,10 +39,11 @@ def write_parquet_file(
     writer_kwargs: Mapping[str, Any] | None = None,
     extra_metadata: Mapping[bytes, bytes] | None = None,
     window: str | None = None,
+    split: str | None = None,
 ) -> FileStat:
-    """Write `batch` to OUT/data/[window/]part-<id>.parquet atomically and return the file's stats."""
+    """Write `batch` to OUT/data/[window/][split=<name>/]part-<id>.parquet atomically and return the file's stats."""
     bid = batch_id(batch)
-    sub = [DATA_DIR] + ([window] if window else [])
+    sub = [DATA_DIR] + ([window] if window else []) + ([f"split={split}"] if split else [])
     path = fsio.join(out_dir, *sub, f"part-{bid}.parquet")
     meta = {k: v for k, v in (batch.schema.metadata or {}).items() if k != BATCH_ID_KEY}
     meta.update(extra_metadata or {})
@@ -52,4 +53,19 @@ def write_parquet_file(
         writer.write_table(table, row_group_size=max(1, table.num_rows))
         writer.close()
     rel = path[len(out_dir) :].lstrip("/")
-    return FileStat(path=rel, rows=batch.num_rows, bytes=w.size, sha256=w.sha256.hexdigest(), kind="data", window=window)
+    return FileStat(path=rel, rows=batch.num_rows, bytes=w.size, sha256=w.sha256.hexdigest(), kind="data", window=window, split=split)
+
+
+def write_training_files(
+    batch: pa.RecordBatch,
+    out_dir: str,
+    writer_kwargs: Mapping[str, Any] | None = None,
+    extra_metadata: Mapping[bytes, bytes] | None = None,
+    window: str | None = None,
+) -> list[FileStat]:
+    """One committed file per split present in `batch` (the hidden split column removed), or one file when the
+    policy has no `split` section. Names still derive from the batch identity, so retries overwrite."""
+    from cloakbeam.transforms.split import partitions
+
+    return [write_parquet_file(part, out_dir, writer_kwargs, extra_metadata, window=window, split=name)
+            for name, part in partitions(batch) if part.num_rows]

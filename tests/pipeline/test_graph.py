@@ -66,9 +66,10 @@ def test_reference_run_reconciles_and_denies_unmentioned(tmp_path, reference_inp
     assert {i["path"] for i in on_disk["inputs"]} == set(inputs)
     assert all(len(i["sha256"]) == 64 for i in on_disk["inputs"])
     assert on_disk["versions"]["apache_beam"].startswith("2.77")
-    rows = duckdb.sql(f"select count(*) from '{tmp_path}/out/data/*.parquet'").fetchall()[0][0]
+    # The reference policy declares splits: OUT/data/split=<name>/*.parquet (Hive-style partitions).
+    rows = duckdb.sql(f"select count(*) from '{tmp_path}/out/data/*/*.parquet'").fetchall()[0][0]
     assert rows == c["written"] == sum(o["rows"] for o in on_disk["outputs"])
-    cols = [r[0] for r in duckdb.sql(f"describe select * from '{tmp_path}/out/data/*.parquet'").fetchall()]
+    cols = [r[0] for r in duckdb.sql(f"describe select * from '{tmp_path}/out/data/*/*.parquet'").fetchall()]
     assert "internal_ref" not in cols
     q = [json.loads(l) for f in on_disk["quarantine"] for l in open(tmp_path / "out" / f["path"])]
     assert sum(e["records"] for e in q) == c["quarantined"]

@@ -1,5 +1,6 @@
-"""End to end through `run_pipeline` with the reference policy: no raw direct identifier of the input appears
-in any byte of any file under the output directory (data, quarantine, manifest, run stats), including the
+"""End to end through `run_pipeline` with the reference policy (and `--evaluate`): no raw direct identifier of the
+input appears in any byte of any file under the output directory (data, quarantine, manifest, report.html with
+its risk, utility, DP and split sections, run stats), including the
 values embedded in `notes`; the manifest carries classes, sources, detector rates and scrub counts; a field
 kept in clear that holds SSNs fails the run naming the field."""
 
@@ -37,8 +38,10 @@ def reference_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("leak")
     src = generate(d / "in.jsonl", 3000, seed=11, fmt="jsonl", dirty=0.02)["path"]
     raw = generate_table(3000, 11, 0, _pools(11))
+    holdout = generate(d / "holdout.jsonl", 400, seed=12, fmt="jsonl")["path"]
     manifest = run_pipeline(
-        RunSettings(dev=True, inputs=[src], schema=str(SCHEMA), policy=str(POLICY), output=str(d / "out"), batch_size=800, progress=False, state_dir=str(d / "state"))
+        RunSettings(dev=True, inputs=[src], schema=str(SCHEMA), policy=str(POLICY), output=str(d / "out"), batch_size=800, progress=False, state_dir=str(d / "state"),
+                    evaluate=True, holdout=[holdout])
     )
     return raw, str(d / "out"), manifest
 
@@ -62,6 +65,13 @@ def test_no_raw_identifier_in_any_output_byte(reference_run):
     for path, data in files:
         hits = [n for n in needles if n in data]
         assert not hits, f"{len(hits)} raw identifier(s) found in {os.path.relpath(path, out_dir)}"
+    # The report escapes HTML, which would hide a value such as O'Brien from a byte search: search it unescaped.
+    import html
+
+    report = html.unescape(open(os.path.join(out_dir, "report.html"), encoding="utf-8").read())
+    assert "Re-identification risk" in report and "ML utility" in report
+    leaked = [n for n in needles if n.decode() in report]
+    assert not leaked, f"{len(leaked)} raw identifier(s) found in report.html"
     # Parquet pages may be compressed, so a raw-byte search alone could miss a leak: search the decoded cells too.
     out = pq.read_table(os.path.join(out_dir, "data"))
     text = "\n".join(str(v) for col in out.columns for v in col.to_pylist() if v is not None)

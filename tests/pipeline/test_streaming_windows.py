@@ -111,7 +111,7 @@ def test_window_files_live_under_their_window_and_match_the_manifest(dropped):
     out = dropped / "out"
     for m in read_window_manifests(str(out)):
         label = m["window"]["label"]
-        on_disk = sorted(p.relative_to(out).as_posix() for p in (out / "data" / label).glob("*.parquet"))
+        on_disk = sorted(p.relative_to(out).as_posix() for p in (out / "data" / label).rglob("*.parquet"))  # split=<name>/ below
         listed = sorted(o["path"] for o in m["outputs"])
         assert on_disk == listed and listed, label
         for o in m["outputs"]:
