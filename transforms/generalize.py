@@ -592,7 +592,8 @@ def _build_numeric(kind: str, spec: Mapping[str, Any]) -> tuple[Hierarchy | None
     if problem:
         return None, problem
     offset = float(spec.get("offset", 0.0))
-    pad = _digits(top, offset, *(widths or [])) if top is not None else 0
+    assert isinstance(widths, list)
+    pad = _digits(top, offset, *widths) if top is not None else 0
     return Hierarchy("band", tuple(widths), offset=offset, bottom=bottom, top_code=top, pad=pad), None
 
 
@@ -628,10 +629,10 @@ def parse_hierarchy_csv(text: str, delimiter: str, name: str) -> tuple[tuple[tup
     lines: list[int] = []
     reader = csv.reader(io.StringIO(text), delimiter=delimiter)
     try:
-        for row in reader:
-            if not row or all(not c.strip() for c in row):
+        for cells in reader:
+            if not cells or all(not c.strip() for c in cells):
                 continue
-            rows.append(tuple(c.strip() for c in row))
+            rows.append(tuple(c.strip() for c in cells))
             lines.append(reader.line_num)
     except csv.Error:
         return None, f"hierarchy file {name} is not valid CSV near line {reader.line_num}"
