@@ -264,8 +264,26 @@ def proposed_policy_yaml(rows: list[dict[str, Any]], dataset: str, note: str) ->
         if why:
             comment += f" -- {why}"
         key = r["field"] if all(c.isalnum() or c in "._-" for c in r["field"]) else json.dumps(r["field"])
+        if not _is_avro_name(r["field"]):
+            safe = avro_safe_name(r["field"])
+            comment += (f" -- NOTE: '{r['field']}' is not an Avro name; name the schema field '{safe}' with "
+                        f"\"cloakbeam.source_name\": \"{r['field']}\" and use '{safe}' here")
         lines.append(f"  {key}: {text}  # {comment}")
     return "\n".join(lines) + "\n"
+
+
+def _is_avro_name(name: str) -> bool:
+    return all(_is_avro_part(p) for p in name.split("."))
+
+
+def _is_avro_part(part: str) -> bool:
+    return bool(part) and (part[0].isalpha() or part[0] == "_") and all(c.isascii() and (c.isalnum() or c == "_") for c in part)
+
+
+def avro_safe_name(name: str) -> str:
+    """A valid Avro field name for an input column name (`marital-status` -> `marital_status`)."""
+    safe = "".join(c if c.isascii() and (c.isalnum() or c == "_") else "_" for c in name) or "_"
+    return safe if safe[0].isalpha() or safe[0] == "_" else "_" + safe
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
