@@ -97,3 +97,14 @@ def test_bad_usage_exits_2(argv, message, reference_inputs, tmp_path, capsys):
     rc, _, err = _run(capsys, *argv, "--out", str(tmp_path / "p.yaml"))
     assert rc == 2
     assert message in err
+
+
+def test_headers_that_are_not_avro_names_get_a_safe_name_and_a_source_name_note(tmp_path, capsys):
+    src = tmp_path / "adult.csv"
+    src.write_text("age,marital-status\n" + "".join(f"{20 + i % 50},Divorced\n" for i in range(50)))
+    out_yaml = tmp_path / "p.yaml"
+    rc, _, _ = _run(capsys, "--input", str(src), "--out", str(out_yaml))
+    text = out_yaml.read_text()
+    assert rc == 0
+    assert "'marital-status' is not an Avro name; name the schema field 'marital_status'" in text
+    assert '"cloakbeam.source_name": "marital-status"' in text
