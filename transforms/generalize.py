@@ -55,7 +55,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cloakbeam.errors import UnknownValueError
+from cloakbeam.errors import CloakbeamError, UnknownValueError
 from cloakbeam.transforms.registry import Action, ActionContext, Param, register
 
 STAR = "*"
@@ -359,6 +359,8 @@ class Hierarchy:
                 names.append(f"map level {len(names)}")
             elif self.kind == "csv":
                 names.append(f"level {len(names)}")
+            elif self.kind == "quantile":
+                names.append(f"{s} quantile bands")
         names.append("suppressed")
         return names
 
@@ -389,6 +391,9 @@ class Hierarchy:
             return canon
         if level == self.top:
             return suppress(canon)
+        if self.kind == "quantile":
+            raise CloakbeamError("quantile bands were not computed: they are resolved from a sample of the input when "
+                                 "the run is prepared (cloakbeam.pipeline.graph.prepare, or generalize.resolve_quantiles)")
         step = self.steps[level - 1]
         if self.kind == "band":
             if self.edges:
@@ -430,7 +435,7 @@ def _num_label(x: Any) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
-HIERARCHY_KINDS = ("band", "round", "date", "age", "prefix", "map", "csv", "suppress")
+HIERARCHY_KINDS = ("band", "round", "quantile", "date", "age", "prefix", "map", "csv", "suppress")
 
 
 def parse_as_of(value: Any) -> _dt.date | None:
@@ -449,6 +454,7 @@ def parse_as_of(value: Any) -> _dt.date | None:
 _ALLOWED_KEYS = {
     "band": {"widths", "edges", "offset", "top", "bottom"},
     "round": {"steps", "top", "bottom"},
+    "quantile": {"bands", "precision", "edges", "sample_rows"},
     "date": {"levels"},
     "age": {"widths", "as_of"},
     "prefix": {"lengths"},
@@ -496,6 +502,10 @@ def build_hierarchy(spec: Mapping[str, Any], arrow_type: pa.DataType) -> tuple[H
 
     if kind == "suppress":
         return Hierarchy("suppress"), None
+    if kind == "quantile":
+        if not (_is_numeric(arrow_type) or pa.types.is_string(arrow_type)):
+            return None, f"is of type {arrow_type}; a 'quantile' hierarchy needs a numeric field"
+        return _build_quantile(spec)
     if kind in ("band", "round"):
         if not (_is_numeric(arrow_type) or pa.types.is_string(arrow_type)):
             return None, f"is of type {arrow_type}; a '{kind}' hierarchy needs a numeric field"
@@ -579,9 +589,9 @@ def _build_numeric(kind: str, spec: Mapping[str, Any]) -> tuple[Hierarchy | None
         levels = edges if edges and all(isinstance(e, list) for e in edges) else [edges]
         parsed: list[tuple[float, ...]] = []
         for i, lv in enumerate(levels, start=1):
-            if (not isinstance(lv, list) or len(lv) < 2 or any(not _is_number(e) for e in lv)
+            if (not isinstance(lv, list) or len(lv) < 1 or any(not _is_number(e) for e in lv)
                     or any(b <= a for a, b in zip(lv, lv[1:]))):
-                return None, f"needs 'edges' level {i} as an increasing list of at least two numbers, e.g. [0, 18, 65, 90]"
+                return None, f"needs 'edges' level {i} as an increasing list of numbers, e.g. [0, 18, 65, 90]"
             parsed.append(tuple(float(e) for e in lv))
         for i in range(1, len(parsed)):
             if not set(parsed[i]) <= set(parsed[i - 1]):
@@ -595,6 +605,75 @@ def _build_numeric(kind: str, spec: Mapping[str, Any]) -> tuple[Hierarchy | None
     assert isinstance(widths, list)
     pad = _digits(top, offset, *widths) if top is not None else 0
     return Hierarchy("band", tuple(widths), offset=offset, bottom=bottom, top_code=top, pad=pad), None
+
+
+def _quantile_bands(value: Any, nested: bool) -> tuple[list[int] | None, str | None]:
+    bands = value if isinstance(value, list) else [value]
+    if (not bands or any(isinstance(b, bool) or not isinstance(b, int) or b < 2 for b in bands)
+            or (nested and any(a % b or b >= a for a, b in zip(bands, bands[1:])))):
+        return None, ("needs 'bands' as a whole number of at least 2" if not nested else
+                      "needs 'bands' as a list of band counts, each dividing the one before so bands nest, e.g. [8, 4, 2]")
+    return bands, None
+
+
+def _build_quantile(spec: Mapping[str, Any]) -> tuple[Hierarchy | None, str | None]:
+    bands, problem = _quantile_bands(spec.get("bands"), nested=True)
+    if bands is None:
+        return None, problem
+    precision = spec.get("precision", 2)
+    if isinstance(precision, bool) or not isinstance(precision, int) or not 1 <= precision <= 6:
+        return None, "needs 'precision' (significant digits of the edges) between 1 and 6"
+    edges = spec.get("edges")
+    if edges is None:  # resolved from a sample of the input when the run is prepared (resolve_quantiles)
+        return Hierarchy("quantile", tuple(bands)), None
+    h, problem = _build_numeric("band", {"edges": edges})
+    return h, problem
+
+
+def quantile_edges(values: pa.Array, bands: int, precision: int = 2) -> list[float]:
+    """Interior edges that cut `values` into `bands` bands of about equal counts, rounded to `precision`
+    significant digits (so an edge is a round number, not some person's value) and deduplicated. Deterministic:
+    the same values give the same edges."""
+    vals, ok = _as_floats(canonical_string(values))
+    vals = np.sort(vals[ok])
+    if not len(vals):
+        return [0.0]
+    qs = np.quantile(vals, [i / bands for i in range(1, bands)], method="linear")
+    edges = sorted({float(f"{q:.{precision}g}") for q in qs})
+    return edges or [0.0]
+
+
+def needs_sample(raw: Mapping[str, Any]) -> list[str]:
+    """Fields whose quantile bands (action or QI hierarchy) are not resolved yet."""
+    out = [p for p, a in (raw.get("fields") or {}).items()
+           if isinstance(a, Mapping) and a.get("method") == "quantile" and a.get("edges") is None]
+    qis = ((raw.get("k_anonymity") or {}).get("quasi_identifiers") or {}) if isinstance(raw.get("k_anonymity"), Mapping) else {}
+    out += [p for p, h in qis.items() if isinstance(h, Mapping) and h.get("hierarchy") == "quantile" and h.get("edges") is None]
+    return out
+
+
+def resolve_quantiles(raw: Mapping[str, Any], sample: Mapping[str, pa.Array], sample_rows: int) -> dict[str, Any]:
+    """A copy of the policy document with every quantile band's edges computed on `sample` (leaf path ->
+    column of raw input values) and recorded next to it (`edges`, `sample_rows`), for the manifest."""
+    import copy
+
+    out = copy.deepcopy(dict(raw))
+    for path, a in (out.get("fields") or {}).items():
+        if isinstance(a, dict) and a.get("method") == "quantile" and a.get("edges") is None and path in sample:
+            bands = a.get("bands", 4)
+            a["edges"] = quantile_edges(sample[path], bands if isinstance(bands, int) else 4, int(a.get("precision", 2)))
+            a["sample_rows"] = sample_rows
+    kanon = out.get("k_anonymity")
+    if isinstance(kanon, dict):
+        for path, h in (kanon.get("quasi_identifiers") or {}).items():
+            if isinstance(h, dict) and h.get("hierarchy") == "quantile" and h.get("edges") is None and path in sample:
+                bands = h.get("bands") if isinstance(h.get("bands"), list) else [h.get("bands", 4)]
+                levels = [quantile_edges(sample[path], int(b), int(h.get("precision", 2))) for b in bands]
+                for i in range(1, len(levels)):  # rounding can break the subset relation: keep coarser edges on finer ones
+                    levels[i] = [e for e in levels[i] if e in set(levels[i - 1])] or levels[i - 1][:1]
+                h["edges"] = levels
+                h["sample_rows"] = sample_rows
+    return out
 
 
 def _build_csv(spec: Mapping[str, Any], on_unknown: str) -> tuple[Hierarchy | None, str | None]:
@@ -707,7 +786,7 @@ def unknown_error(path: str, hierarchy: Hierarchy, count: int) -> UnknownValueEr
 # ---------------------------------------------------------------------------------------------------------
 # The `generalize` action
 # ---------------------------------------------------------------------------------------------------------
-_METHODS = ("band", "round", "truncate", "date", "age_band", "prefix", "map", "csv", "suppress")
+_METHODS = ("band", "quantile", "round", "truncate", "date", "age_band", "prefix", "map", "csv", "suppress")
 
 
 def _positive(v: Any) -> str | None:
@@ -745,10 +824,14 @@ class Generalize(Action):
         "path": Param(str),
         "delimiter": Param(str),
         "on_unknown": Param(str, choices=ON_UNKNOWN),
+        "bands": Param(int, check=lambda n: None if n >= 2 else "must be at least 2"),
+        "precision": Param(int, check=lambda n: None if 1 <= n <= 6 else "must be between 1 and 6"),
+        "sample_rows": Param(int),
     }
 
     _NEEDS: dict[str, tuple[set[str], set[str]]] = {  # method -> (required, optional)
         "band": (set(), {"width", "edges", "offset", "bottom", "top"}),
+        "quantile": ({"bands"}, {"precision", "edges", "sample_rows"}),
         "round": ({"to"}, {"bottom", "top"}),
         "truncate": ({"to"}, set()),
         "date": ({"to"}, set()),
@@ -797,6 +880,12 @@ class Generalize(Action):
             if o["edges"] is not None:
                 return {"hierarchy": "band", "edges": o["edges"], **tails, **({"offset": o["offset"]} if o["offset"] is not None else {})}
             return {"hierarchy": "band", "widths": [o["width"]], **tails, **({"offset": o["offset"]} if o["offset"] is not None else {})}
+        if method == "quantile":
+            if not _is_numeric(t):
+                raise self.fail(f"method 'quantile' needs a numeric field, not {t}")
+            if o["edges"] is None:
+                return {"hierarchy": "quantile", "bands": o["bands"]}  # resolved from a sample when the run is prepared
+            return {"hierarchy": "band", "edges": o["edges"]}
         if method == "round":
             if not _is_number(o["to"]) or not o["to"] > 0:
                 raise self.fail("method 'round' needs 'to' as a positive step, e.g. to: 1000")

@@ -36,6 +36,7 @@ __all__ = ["CompiledPolicy", "compile_policy", "load_policy", "SECTION_MODULES"]
 SECTION_MODULES = (
     "cloakbeam.transforms.classify",
     "cloakbeam.transforms.kanon",
+    "cloakbeam.transforms.uniqueness",  # after kanon: it reads the declared quasi-identifiers
     "cloakbeam.keys.parquet_encryption",
 )
 
