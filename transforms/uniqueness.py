@@ -146,7 +146,7 @@ def column_hash(col: pa.Array, key: bytes) -> np.ndarray:
         elif pa.types.is_boolean(t):
             bits = pc.fill_null(col, False).to_numpy(zero_copy_only=False).astype(np.uint64)
         else:
-            as_int = col.cast(pa.int64()) if not pa.types.is_integer(t) or t != pa.int64() else col
+            as_int = col if pa.types.is_integer(t) else col.view(pa.int32() if t.bit_width == 32 else pa.int64())
             bits = pc.fill_null(as_int, 0).to_numpy(zero_copy_only=False).astype(np.int64).view(np.uint64)
         h = _mix(_mix(bits ^ k0) ^ k1)
     else:

@@ -47,14 +47,22 @@ def test_generate_rejects_bad_arguments(tmp_path, capsys):
     assert exc.value.code == 2
 
 
+@pytest.mark.slow
 def test_demo_prints_the_summary_table(tmp_path, capsys):
-    assert main(["demo", "--rows", "1500", "--out", str(tmp_path / "demo")]) == 0
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0  # the default 20,000 rows: the size the policy is made for
     out = capsys.readouterr().out
-    for needle in ("rows in", "written", "quarantined", "suppressed", "rows/s", "internal_ref", "default deny", "manifest"):
+    for needle in ("rows in", "written", "quarantined", "suppressed", "rows/s", "internal_ref", "default deny", "manifest",
+                   "uniqueness: passed"):
         assert needle in out
     assert (tmp_path / "demo" / ".cloakbeam").is_dir()
-    # A second demo in the same directory replaces the first one.
-    assert main(["demo", "--rows", "1000", "--out", str(tmp_path / "demo")]) == 0
+    assert (tmp_path / "demo" / "output" / "manifest.json").is_file()
+    # A second demo in the same directory replaces the first one. At 1,000 records the release singles people out:
+    # the run fails closed with the scan's sentence and nothing of either run is left to be used.
+    assert main(["demo", "--rows", "1000", "--out", str(tmp_path / "demo")]) == 1
+    err = capsys.readouterr().err
+    assert "uniqueness scan: " in err and "The release was withdrawn" in err
+    assert not (tmp_path / "demo" / "output" / "manifest.json").exists()
+    assert not list((tmp_path / "demo" / "output" / "data").glob("*.parquet"))
 
 
 def test_help_documents_every_command():

@@ -115,6 +115,8 @@ def test_hashes_are_stable_across_batches_types_and_nulls():
     assert column_hash(pa.array([1, 2]), KEY)[0] != column_hash(pa.array([1, 2]), b"fedcba9876543210")[0]
     ts = pa.array([0, 0], pa.timestamp("us", tz="UTC"))
     assert column_hash(ts, KEY)[0] == column_hash(ts, KEY)[1]
+    days = column_hash(pa.array([0, 1, 0, None], pa.date32()), KEY)
+    assert days[0] == days[2] != days[1] and days[3] == h1[1]  # one null hash for every type
 
 
 def test_combo_figures_on_an_empty_sketch():
