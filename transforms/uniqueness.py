@@ -279,14 +279,18 @@ def evaluate(sketch: ScanSketch, spec: ScanSpec) -> dict[str, Any]:
     """The scan's report: figures per combination, the failures (minimal ones), the verdict. No values."""
     rows = sketch.rows
     figures: list[ComboFigures] = []
+    accepted_sets = {frozenset(a.columns) for a in spec.acceptances}
     for combo, sk in zip(spec.combos, sketch.combos):
         u, s, d, method = combo_figures(sk, rows, spec.k)
-        status = "fail" if u > spec.max_unique_fraction else "ok"
+        if frozenset(spec.names(combo)) in accepted_sets:
+            status = "accepted"
+        else:
+            status = "fail" if u > spec.max_unique_fraction else "ok"
         figures.append(ComboFigures(tuple(spec.names(combo)), u, s, d, method, status))
     failing = [f for f in figures if f.status == "fail"]
     failing_sets = [set(f.columns) for f in failing]
     minimal = [f for f in failing if not any(other < set(f.columns) for other in failing_sets)]
-    riskiest = sorted(figures, key=lambda f: (-f.unique_fraction, len(f.columns), f.columns))[:20]
+    riskiest = sorted((f for f in figures if f.status != "accepted"), key=lambda f: (-f.unique_fraction, len(f.columns), f.columns))[:20]
     accepted = []
     for a in spec.acceptances:
         hit = next((f for f in figures if set(f.columns) == set(a.columns)), None)
@@ -492,10 +496,13 @@ def compile_section(value: Any, schema: InputSchema, policy: CompiledPolicy) -> 
     qis = tuple(q.path for q in kanon.spec.qis) if kanon is not None else ()
     all_combos = combinations(scanned, max_c)
     combos, exempt = [], []
+    accepted_sets = [set(a.columns) for a in acceptances]
     for combo in all_combos:
         names = {scanned[i] for i in combo}
         acc = next((a for a in acceptances if set(a.columns) <= names), None)
-        if acc is not None:
+        if acc is not None and names in accepted_sets:
+            combos.append(combo)  # measured for the record (status "accepted"), never failing
+        elif acc is not None:
             exempt.append((combo, f"accepted: {acc.reason}"))
         elif qis and names <= set(qis):
             exempt.append((combo, "quasi-identifiers: k_anonymity gives every class at least k records"))

@@ -72,12 +72,20 @@ def test_old_reference_policy_fails_the_demo_release_with_one_sentence_and_withd
     line = [x for x in err.splitlines() if x.startswith("cloakbeam: error:")]
     assert len(line) == 1 and "Traceback" not in err
     msg = line[0]
-    assert "uniqueness scan: column 'signup_ts' singles out" in msg and "column 'income' singles out 96." in msg
+    assert msg.startswith("cloakbeam: error: uniqueness scan: column ")
+    assert "column 'signup_ts' singles out 99." in msg or "column 'signup_ts' singles out 100.00%" in msg
+    assert "column 'income' singles out 96." in msg
     assert "limit 1.00% unique" in msg and "uniqueness.accept_risk" in msg and "method: round" in msg
     assert "The release was withdrawn" in msg
     assert not (out / "manifest.json").exists() and not list((out / "data").glob("*.parquet"))
-    raw = [json.loads(x) for x in Path(demo_input).read_text().splitlines()[:500] if x.startswith("{") and x.endswith("}")]
-    for r in raw[:200]:
+    lines = Path(demo_input).read_bytes().splitlines()[:300]
+    raw = []
+    for x in lines:
+        try:
+            raw.append(json.loads(x))
+        except ValueError:
+            pass  # the demo input is 1% dirty
+    for r in raw:
         for v in (r.get("income"), r.get("signup_ts"), r.get("card_number")):
             if v is not None:
                 assert str(v) not in msg
