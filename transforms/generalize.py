@@ -667,8 +667,9 @@ def resolve_quantiles(raw: Mapping[str, Any], sample: Mapping[str, pa.Array], sa
     if isinstance(kanon, dict):
         for path, h in (kanon.get("quasi_identifiers") or {}).items():
             if isinstance(h, dict) and h.get("hierarchy") == "quantile" and h.get("edges") is None and path in sample:
-                bands = h.get("bands") if isinstance(h.get("bands"), list) else [h.get("bands", 4)]
-                levels = [quantile_edges(sample[path], int(b), int(h.get("precision", 2))) for b in bands]
+                raw_bands = h.get("bands", 4)
+                counts: list[Any] = list(raw_bands) if isinstance(raw_bands, list) else [raw_bands]
+                levels = [quantile_edges(sample[path], int(b), int(h.get("precision", 2))) for b in counts]
                 for i in range(1, len(levels)):  # rounding can break the subset relation: keep coarser edges on finer ones
                     levels[i] = [e for e in levels[i] if e in set(levels[i - 1])] or levels[i - 1][:1]
                 h["edges"] = levels

@@ -158,7 +158,8 @@ def column_hash(col: pa.Array, key: bytes) -> np.ndarray:
         dict_h = hash_array(values, hash_key=hk, categorize=False) if len(values) else np.zeros(0, np.uint64)
         h = np.asarray(dict_h, np.uint64)[np.where(valid, idx, 0).astype(np.int64)] if len(values) else np.zeros(n, np.uint64)
         h = _mix(h ^ k1)
-    return np.where(valid, h, _mix(k0 ^ _NULL_SALT))
+    null_hash = _mix(np.asarray([k0 ^ _NULL_SALT], np.uint64))[0]
+    return np.where(valid, h, null_hash)
 
 
 def _as_text(col: pa.Array) -> pa.Array:
@@ -270,9 +271,9 @@ def combo_figures(sk: ComboSketch, rows: int, k: int) -> tuple[float, float, int
     m = len(counts)
     kth = float(sk.hashes[-1]) / 2.0**64
     distinct = (m - 1) / kth if kth > 0 else float(m)
-    unique = distinct * float((counts == 1).mean())
-    small = distinct * float(np.where(counts < k, counts, 0).mean())
-    return min(unique / rows, 1.0), min(small / rows, 1.0), int(round(distinct)), "sketch"
+    est_unique = distinct * float((counts == 1).mean())
+    est_small = distinct * float(np.where(counts < k, counts, 0).mean())
+    return min(est_unique / rows, 1.0), min(est_small / rows, 1.0), int(round(distinct)), "sketch"
 
 
 def evaluate(sketch: ScanSketch, spec: ScanSpec) -> dict[str, Any]:
@@ -291,7 +292,7 @@ def evaluate(sketch: ScanSketch, spec: ScanSpec) -> dict[str, Any]:
     failing_sets = [set(f.columns) for f in failing]
     minimal = [f for f in failing if not any(other < set(f.columns) for other in failing_sets)]
     riskiest = sorted((f for f in figures if f.status != "accepted"), key=lambda f: (-f.unique_fraction, len(f.columns), f.columns))[:20]
-    accepted = []
+    accepted: list[dict[str, Any]] = []
     for a in spec.acceptances:
         hit = next((f for f in figures if set(f.columns) == set(a.columns)), None)
         accepted.append({"columns": list(a.columns), "reason": a.reason})

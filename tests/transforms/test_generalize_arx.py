@@ -222,3 +222,28 @@ def test_new_methods_bad_parameters_fail_at_compile(spec, words):
 def test_bad_new_hierarchies_are_refused(spec, words):
     h, problem = build_hierarchy(spec, pa.int64() if spec["hierarchy"] != "map" else pa.string())
     assert h is None and words in problem
+
+
+def test_quantile_bands_resolve_from_a_sample_for_actions_and_qi_hierarchies():
+    from cloakbeam.errors import CloakbeamError
+    from cloakbeam.transforms.generalize import needs_sample, quantile_edges, resolve_quantiles
+
+    raw = {"version": 1, "fields": {"income": {"action": "generalize", "method": "quantile", "bands": 4},
+                                     "age": {"action": "generalize", "level": "auto"}},
+           "k_anonymity": {"k": 2, "quasi_identifiers": {"age": {"hierarchy": "quantile", "bands": [8, 4, 2]}}}}
+    assert needs_sample(raw) == ["income", "age"]
+    unresolved = compile_policy(raw, SCHEMA)
+    with pytest.raises(CloakbeamError, match="quantile bands were not computed"):
+        protect_batch(_batch(["a"]), unresolved, ActionContext(None))
+    rng = __import__("numpy").random.default_rng(0)
+    sample = {"income": pa.array(rng.lognormal(10.8, 0.5, 5000)), "age": pa.array(rng.integers(18, 90, 5000), pa.int32())}
+    resolved = resolve_quantiles(raw, sample, 5000)
+    assert raw["fields"]["income"].get("edges") is None  # the document given is not changed
+    assert resolved["fields"]["income"]["edges"] == quantile_edges(sample["income"], 4) and resolved["fields"]["income"]["sample_rows"] == 5000
+    levels = resolved["k_anonymity"]["quasi_identifiers"]["age"]["edges"]
+    assert len(levels) == 3 and set(levels[1]) <= set(levels[0]) and set(levels[2]) <= set(levels[1])
+    pol = compile_policy(resolved, SCHEMA)
+    h = pol.sections["k_anonymity"].spec.qis[0].hierarchy
+    assert h.kind == "band" and h.top == 4
+    assert needs_sample(resolved) == []
+    assert quantile_edges(pa.array([1.0, 2.0, 3.0, 4.0]), 2) == [2.5] and quantile_edges(pa.array([], pa.float64()), 3) == [0.0]
