@@ -311,7 +311,7 @@ def evaluate(sketch: ScanSketch, spec: ScanSpec) -> dict[str, Any]:
         "combinations_measured": len(figures),
         "combinations_exempt": len(spec.exempt),
         "exact": all(f.method == "exact" for f in figures),
-        "failing": [f.to_json() for f in sorted(minimal, key=lambda f: (-f.unique_fraction, f.columns))],
+        "failing": [f.to_json() for f in sorted(minimal, key=lambda f: (len(f.columns), -f.unique_fraction, f.columns))],
         "failing_total": len(failing),
         "riskiest": [f.to_json() for f in riskiest],
         "accepted": accepted,
@@ -345,6 +345,8 @@ def _suggestion(columns: Sequence[str], spec: ScanSpec, kinds: Mapping[str, str]
             tips.append(f"{c}: {{action: generalize, method: round, to: 1000}}")
         elif kind == "time":
             tips.append(f"{c}: {{action: generalize, method: truncate, to: month}}")
+        elif kind == "generalized":
+            tips.append(f"coarser levels for {c}")
     return ("; e.g. " + ", ".join(dict.fromkeys(tips))) if tips else ""
 
 
@@ -512,7 +514,9 @@ def compile_section(value: Any, schema: InputSchema, policy: CompiledPolicy) -> 
     size = max(MIN_SKETCH, min(exact, DEFAULT_BUDGET_ENTRIES // max(len(combos), 1)))
     key = hashlib.blake2b(f"{policy.dataset}\0{policy.content_hash}".encode(), digest_size=16, person=b"cb-uniqueness").digest()
     spec = ScanSpec(tuple(scanned), tuple(combos), tuple(exempt), tuple(not_scanned), k, limit, max_c, size, key, acceptances, qis, exact)
-    kinds = {p: _kind(policy.actions[p].output_type()) for p in scanned}
+    # For suggestions: raw numbers and times can be rounded or truncated; a generalized column needs coarser levels.
+    kinds = {p: (_kind(policy.actions[p].output_type()) if policy.actions[p].name == "keep" else
+                 "generalized" if policy.actions[p].name == "generalize" and p not in qis else "text") for p in scanned}
     return UniquenessSection(spec, kinds)
 
 

@@ -215,3 +215,15 @@ def test_check_raises_a_sentence_with_columns_fractions_and_a_fix_but_no_value()
     for text in (msg, dumped):
         assert "secret-" not in text and "1.37" not in text
     assert sec.report(stats)["passed"] is False
+
+
+def test_a_generalized_column_that_still_singles_people_out_is_measured_and_told_to_coarsen():
+    sec = _policy(income={"action": "generalize", "method": "round", "to": 0.01}).sections["uniqueness"]
+    assert "income" in sec.spec.columns  # generalizing is no exemption: the released form is measured
+    n = 300
+    cols = {"card": pa.array(["x"] * n), "dob": pa.array(["1980s"] * n), "zip": pa.array(["9*"] * n),
+            "income": pa.array(np.arange(n) * 0.01), "signup": pa.array(np.zeros(n, np.int64), pa.timestamp("us", tz="UTC")),
+            "dx": pa.array(["flu"] * n)}
+    rep = evaluate(sketch_batch(cols, sec.spec), sec.spec)
+    with pytest.raises(UniquenessRiskError, match="column 'income' singles out 100.00%.*coarser levels for income"):
+        sec.check(type("S", (), {"extra": {"uniqueness": rep}})())
