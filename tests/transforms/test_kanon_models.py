@@ -46,6 +46,9 @@ HIERARCHIES = {
     "map": (Hierarchy("map", (1, 2), groups=((("a", ("x", "y")), ("b", ("z",))), (("all", ("x", "y", "z")),))),
             st.sampled_from(["x", "y", "z"])),
     "suppress": (Hierarchy("suppress"), st.sampled_from(["p", "q"])),
+    "csv": (Hierarchy("csv", (1, 2), table=(("a", "ab", "abcd"), ("b", "ab", "abcd"), ("c", "cd", "abcd"), ("d", "cd", "abcd"),
+                                           ("e", "ef", "ef"))), st.sampled_from(list("abcde"))),
+    "round": (Hierarchy("round", (5, 10, 50), top_code=100.0, pad=3), st.integers(0, 130).map(str)),
 }
 SENS = ["flu", "cold", "ok", "hiv", "tb"]
 # A tree over the sensitive values for hierarchical EMD: leaves -> {respiratory, other} -> *
