@@ -10,8 +10,10 @@ Layers (the first three import nothing from Beam and are tested without it):
    least information loss whose classes reach k (and l) after suppressing the records of failing classes, with
    at most `suppression_limit` x N records suppressed. Depth-first branch and bound over the QIs, pruned by
    monotonicity (a node below a failing node fails, a node above a satisfying one satisfies; binary searches
-   for the lowest feasible level of each QI) and by a loss bound from per-QI floors. The information-loss
-   measure is Iyengar's Loss Metric (LM) on the observed domain, averaged over QIs (docs/k-anonymity.md).
+   for the lowest feasible level of each QI) and by a lower bound of the chosen metric (ARX's Loss with a
+   suppression weight and per-QI weights, discernibility, AECS, non-uniform entropy, precision). Privacy models
+   beyond k and distinct-l (entropy / recursive (c,l) diversity, t-closeness, delta-presence; see
+   `privacy_models`) are checked exactly on candidates; only their monotone part prunes (docs/k-anonymity.md).
 3. `Plan` / `apply_plan`: the chosen levels and the keys of the classes to suppress; applied to any batch
    vectorized (string kernels + `is_in`). `report` figures: k and l achieved, levels, class-size histogram,
    prosecutor / journalist / marketer risk, information loss. Reports hold counts and policy names, never values.
