@@ -40,3 +40,7 @@ class IntegrityError(CloakbeamError):
 
 class AccessDenied(CloakbeamError):
     """A role policy refused a decrypt or detokenize request."""
+
+
+class UnknownValueError(CloakbeamError):
+    """A value is not covered by a generalization hierarchy whose `on_unknown` is `error` (names field and count)."""

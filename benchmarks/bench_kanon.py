@@ -6,8 +6,13 @@ Prints one JSON line per measurement:
   - mode "beam": the `EnforceKAnonymity` PTransform on the in-process FnApiRunner (batches generated inside
     the pipeline; the generation time, measured separately, is reported and not subtracted).
 
-Run:  .venv/bin/python benchmarks/bench_kanon.py [--rows 1000000] [--batch-rows 65536] [--modes functions,beam]
-      [--qis 4|8]
+  - mode "metrics": the lattice search once per metric (loss, discernibility, aecs, entropy, precision) on one
+    merged frequency set, reporting search seconds, nodes evaluated and the chosen levels per metric. With
+    `--dataset reference` the rows are the reference customers (schemas/generate.py) and the 8 QIs are
+    date_of_birth, zip, gender, income, signup_ts, ip_address, phone and churned (l=2 on diagnosis).
+
+Run:  .venv/bin/python benchmarks/bench_kanon.py [--rows 1000000] [--batch-rows 65536] [--modes functions,beam,metrics]
+      [--qis 4|8] [--dataset synthetic|reference]
 The input imitates the protect stage's output: QIs as full-detail canonical strings.
 """
 
@@ -142,6 +147,67 @@ def bench_beam(rows: int, batch_rows: int, qis: int) -> dict[str, Any]:
     }
 
 
+REFERENCE_QIS = {
+    "date_of_birth": Hierarchy("date", ("month", "year", "decade")),
+    "zip": Hierarchy("prefix", (3, 1)),
+    "gender": Hierarchy("map", (1,), groups=((("known", ("female", "male")), ("other", ("nonbinary", "unknown"))),)),
+    "income": Hierarchy("round", (1000, 10000, 50000)),
+    "signup_ts": Hierarchy("date", ("hour", "day", "month", "year")),
+    "ip_address": Hierarchy("prefix", (7, 4, 2)),
+    "phone": Hierarchy("prefix", (6, 3)),
+    "churned": Hierarchy("suppress"),
+}
+
+
+def reference_batches(rows: int, batch_rows: int, qis: int) -> tuple[KAnonSpec, list[pa.RecordBatch]]:
+    """The reference customers' QI columns as canonical strings (what the protect stage hands the k-anon stage)."""
+    from cloakbeam.schemas.generate import _pools, generate_table
+    from cloakbeam.transforms.generalize import canonical_string
+
+    names = list(REFERENCE_QIS)[:qis]
+    pools = _pools(0)
+    out = []
+    for start in range(0, rows, batch_rows):
+        t = generate_table(min(batch_rows, rows - start), 0, start, pools)
+        cols = {n: canonical_string(t.column(n)) for n in names}
+        cols["diagnosis"] = t.column("diagnosis").combine_chunks()
+        out.append(pa.RecordBatch.from_pydict(cols))
+    spec = KAnonSpec(tuple(QuasiIdentifier(n, REFERENCE_QIS[n]) for n in names), 10, 0.02, "diagnosis", 2)
+    return spec, out
+
+
+def bench_metrics(rows: int, batch_rows: int, qis: int, dataset: str) -> list[dict[str, Any]]:
+    import dataclasses
+
+    from cloakbeam.transforms.kanon import METRICS
+
+    t = time.perf_counter()
+    if dataset == "reference":
+        spec, batches = reference_batches(rows, batch_rows, qis)
+    else:
+        spec = make_spec(qis)
+        batches = [make_batch(i, min(batch_rows, rows - i * batch_rows), qis) for i in range(-(-rows // batch_rows))]
+    gen_s = time.perf_counter() - t
+    t = time.perf_counter()
+    merged = merge_frequency_sets([frequency_set({n: c for n, c in zip(b.schema.names, b.columns)}, spec) for b in batches])
+    count_s = time.perf_counter() - t
+    out = []
+    for metric in METRICS:
+        mspec = dataclasses.replace(spec, metric=metric)
+        t = time.perf_counter()
+        plan = make_plan(merged, mspec)
+        rep = plan.report
+        out.append({
+            "bench": "kanon", "mode": "metrics", "dataset": dataset, "metric": metric, "rows": rows, "qis": qis, "k": spec.k,
+            "l": spec.l, "suppression_limit": spec.suppression_limit, "frequency_rows": merged.num_rows if merged is not None else 0,
+            "count_merge_s": round(count_s, 3), "generate_s": round(gen_s, 3), "search_s": rep["search_seconds"],
+            "plan_s": round(time.perf_counter() - t, 3), "lattice_nodes": rep["lattice_nodes"], "nodes_evaluated": rep["nodes_evaluated"],
+            "levels": {p: v["name"] for p, v in rep["levels"].items()}, "suppressed": rep["records_suppressed"],
+            "metrics": rep["metrics"], "python": platform.python_version(),
+        })
+    return out
+
+
 def _write_summary(stats: Any, path: str) -> None:
     with open(path, "w") as fh:
         json.dump({"released": stats.counts["released"], "suppressed": stats.counts["suppressed"],
@@ -154,8 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-rows", type=int, default=65_536)
     ap.add_argument("--qis", type=int, default=4, help="4, or more to add numeric QIs (search at 8+ QIs)")
     ap.add_argument("--modes", default="functions,beam")
+    ap.add_argument("--dataset", default="synthetic", choices=("synthetic", "reference"), help="mode metrics: the rows searched")
     args = ap.parse_args(argv)
     for mode in args.modes.split(","):
+        if mode.strip() == "metrics":
+            for line in bench_metrics(args.rows, args.batch_rows, args.qis, args.dataset):
+                print(json.dumps(line), flush=True)
+            continue
         fn = {"functions": bench_functions, "beam": bench_beam}[mode.strip()]
         print(json.dumps(fn(args.rows, args.batch_rows, args.qis)), flush=True)
     return 0

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from cloakbeam.errors import ConfigError
@@ -60,6 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="proposed-policy.yaml", metavar="FILE", help="where to write the proposed policy (default proposed-policy.yaml)")
     p.add_argument("--dataset", default=None, help="dataset name for the proposed policy (default: from the first file name)")
     p.add_argument("--json", action="store_true", help="print the classification as JSON instead of a table")
+    p.add_argument("--max-unique-fraction", type=float, default=None, metavar="F",
+                   help="uniqueness threshold for quasi-identifier candidates (default 0.01, the scan's default)")
     p.set_defaults(func=cmd_classify)
 
 
@@ -242,8 +245,123 @@ def classify_table(table: pa.Table, schema: Any = None) -> list[dict[str, Any]]:
     return out
 
 
-def proposed_policy_yaml(rows: list[dict[str, Any]], dataset: str, note: str) -> str:
-    """A reviewable policy: one line per field with the class, confidence and evidence as a comment."""
+#: Classes that are quasi-identifiers by nature: the proposal declares them to k-anonymity.
+QI_CLASSES = {"DATE_OF_BIRTH": {"hierarchy": "date", "levels": ["month", "year", "decade"]},
+              "POSTAL_CODE": {"hierarchy": "prefix", "lengths": [3, 1]},
+              "GENDER": {"hierarchy": "suppress"}}
+_VALUE_REVEALING = {"keep", "generalize"}  # actions that release the raw value (masked and scrubbed columns differ from it)
+_ROUND_STEPS = [m * 10 ** e for e in range(0, 8) for m in (1, 2.5, 5)]
+_TRUNCATE = ("hour", "day", "month", "year")
+
+
+def _action_name(action: Any) -> str:
+    return action if isinstance(action, str) else action.get("action", "")
+
+
+def propose_quasi_identifiers(table: pa.Table, rows: list[dict[str, Any]], limit: float, max_combination: int = 3) -> dict[str, Any]:
+    """The uniqueness scan on the raw sample: which released-as-is columns single out more than `limit` of the
+    sampled records, and a generalization for each that brings it under the limit on the sample (rounding for
+    numbers, truncation for times), or a quasi-identifier declaration. Counts and fractions only; the steps
+    are round numbers, never a sampled value."""
+    from cloakbeam.transforms.protect import flatten_columns
+    from cloakbeam.transforms.uniqueness import ScanSpec, combinations, evaluate, sketch_batch
+
+    columns = flatten_columns(table)
+    revealing = [r["field"] for r in rows if _action_name(r["suggested"]) in _VALUE_REVEALING or r["class"] in QI_CLASSES]
+    if not revealing:
+        return {"columns": {}, "combinations": []}
+    n = table.num_rows
+    spec = ScanSpec(tuple(revealing), tuple(combinations(revealing, max_combination)), (), (), 10, limit, max_combination,
+                    max(1024, n), b"cloakbeam-classify"[:16])
+    rep = evaluate(sketch_batch({c: columns[c] for c in revealing}, spec), spec)
+    singles: dict[str, float] = {}
+    for f in rep["riskiest"] + rep["failing"]:
+        if len(f["columns"]) == 1:
+            singles[f["columns"][0]] = f["unique_fraction"]
+    out: dict[str, Any] = {"columns": {}, "combinations": [f for f in rep["failing"] if len(f["columns"]) > 1]}
+    by_field = {r["field"]: r for r in rows}
+    for path in revealing:
+        r = by_field[path]
+        u = singles.get(path, 0.0)
+        if r["class"] in QI_CLASSES:
+            out["columns"][path] = {"unique_fraction": u, "proposal": "quasi-identifier", "hierarchy": QI_CLASSES[r["class"]]}
+            continue
+        if u <= limit:
+            continue
+        col = columns[path]
+        proposal = _coarsen(col, limit, spec)
+        out["columns"][path] = {"unique_fraction": u, **proposal}
+    return out
+
+
+def _unique_fraction(col: pa.Array, spec: Any) -> float:
+    from dataclasses import replace
+
+    from cloakbeam.transforms.uniqueness import evaluate, sketch_batch
+
+    one = replace(spec, columns=("c",), combos=((0,),))
+    return float(evaluate(sketch_batch({"c": col}, one), one)["riskiest"][0]["unique_fraction"])
+
+
+def _coarsen(col: pa.Array, limit: float, spec: Any) -> dict[str, Any]:
+    """The finest rounding or truncation that brings one column under the limit on the sample."""
+    import pyarrow.compute as pc
+
+    from cloakbeam.transforms.generalize import _as_floats, _truncate, round_half_up
+
+    t = col.type
+    vals = None
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_string(t):
+        parsed, ok = _as_floats(col if not pa.types.is_string(t) else col)
+        nonnull = len(col) - col.null_count
+        if nonnull and ok.sum() >= 0.95 * nonnull:  # numbers, give or take a few malformed values
+            vals = np.where(ok, parsed, np.nan)
+    if vals is not None:
+        for step in _ROUND_STEPS:
+            rounded = pa.array(np.where(np.isnan(vals), np.nan, round_half_up(np.nan_to_num(vals), step)), mask=np.isnan(vals))
+            after = _unique_fraction(rounded, spec)
+            if after <= limit:
+                to: Any = int(step) if float(step).is_integer() else step
+                return {"proposal": "generalize", "action": {"action": "generalize", "method": "round", "to": to}, "after": after}
+    ts = None
+    if pa.types.is_timestamp(t) or pa.types.is_date(t):
+        ts = col
+    elif pa.types.is_string(t):
+        ts = pc.strptime(pc.utf8_slice_codeunits(col, 0, 19), format="%Y-%m-%dT%H:%M:%S", unit="s", error_is_null=True)
+        if ts.null_count == len(ts):
+            ts = pc.strptime(pc.utf8_slice_codeunits(col, 0, 19), format="%Y-%m-%d %H:%M:%S", unit="s", error_is_null=True)
+        if ts.null_count > col.null_count + len(col) // 20:
+            ts = None
+    if ts is not None:
+        for unit in _TRUNCATE:
+            if unit == "hour" and pa.types.is_date(ts.type):
+                continue
+            after = _unique_fraction(_truncate(ts, unit), spec)
+            if after <= limit:
+                method = "truncate" if (pa.types.is_timestamp(t) or pa.types.is_date(t)) else "date"
+                return {"proposal": "generalize", "action": {"action": "generalize", "method": method, "to": unit}, "after": after}
+    return {"proposal": "quasi-identifier", "hierarchy": {"hierarchy": "suppress"}}
+
+
+def proposed_policy_yaml(rows: list[dict[str, Any]], dataset: str, note: str, qis: dict[str, Any] | None = None,
+                         limit: float = 0.01) -> str:
+    """A reviewable policy: one line per field with the class, confidence and evidence as a comment; columns
+    that single out more than `limit` of the sample are generalized or declared quasi-identifiers."""
+    qis = qis or {"columns": {}, "combinations": []}
+    rows = [dict(r) for r in rows]
+    declared: dict[str, Any] = {}
+    for r in rows:
+        prop = qis["columns"].get(r["field"])
+        if prop is None:
+            continue
+        u = f"{prop['unique_fraction']:.1%} of sampled records unique"
+        if prop["proposal"] == "generalize":
+            r["suggested"] = prop["action"]
+            r["qi_note"] = f"uniqueness: {u} at full detail, {prop['after']:.1%} after this generalization"
+        else:
+            r["suggested"] = {"action": "generalize", "level": "auto"}
+            declared[r["field"]] = prop["hierarchy"]
+            r["qi_note"] = f"quasi-identifier ({u}): k_anonymity below chooses its level"
     lines = [
         f"# Proposed by `cloakbeam classify` ({note}). REVIEW EVERY LINE before use:",
         "# the class comes from schema annotations, content detectors and field names; the action is a suggestion.",
@@ -261,11 +379,41 @@ def proposed_policy_yaml(rows: list[dict[str, Any]], dataset: str, note: str) ->
         comment = f"{r['class']} ({r['source']}, confidence {r['confidence']:.2f}; {r['evidence']})"
         if r["warning"]:
             comment += f" WARNING: {r['warning']}"
+        if r.get("qi_note"):
+            why = r["qi_note"]
         if why:
             comment += f" -- {why}"
         key = r["field"] if all(c.isalnum() or c in "._-" for c in r["field"]) else json.dumps(r["field"])
+        if not _is_avro_name(r["field"]):
+            safe = avro_safe_name(r["field"])
+            comment += (f" -- NOTE: '{r['field']}' is not an Avro name; name the schema field '{safe}' with "
+                        f"\"cloakbeam.source_name\": \"{r['field']}\" and use '{safe}' here")
         lines.append(f"  {key}: {text}  # {comment}")
+    if declared:
+        lines += ["# Quasi-identifiers: k-anonymity picks their levels (docs/k-anonymity.md); REVIEW k and the hierarchies.",
+                  "k_anonymity:", "  k: 10", "  suppression_limit: 0.02", "  quasi_identifiers:"]
+        lines += [f"    {p}: {json.dumps(h).replace(chr(34), '')}" for p, h in declared.items()]
+    for f in qis.get("combinations", [])[:10]:
+        lines.append(f"# uniqueness: {' + '.join(f['columns'])} single out {f['unique_fraction']:.1%} of sampled records together; "
+                     "consider declaring them quasi-identifiers")
+    lines += ["# The uniqueness scan of the release (on by default): fails the run when a released column or combination",
+              "# of up to three singles out more than this share of records.",
+              "uniqueness:", f"  max_unique_fraction: {limit}"]
     return "\n".join(lines) + "\n"
+
+
+def _is_avro_name(name: str) -> bool:
+    return all(_is_avro_part(p) for p in name.split("."))
+
+
+def _is_avro_part(part: str) -> bool:
+    return bool(part) and (part[0].isalpha() or part[0] == "_") and all(c.isascii() and (c.isalnum() or c == "_") for c in part)
+
+
+def avro_safe_name(name: str) -> str:
+    """A valid Avro field name for an input column name (`marital-status` -> `marital_status`)."""
+    safe = "".join(c if c.isascii() and (c.isalnum() or c == "_") else "_" for c in name) or "_"
+    return safe if safe[0].isalpha() or safe[0] == "_" else "_" + safe
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -289,17 +437,25 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if table.num_rows == 0:
         raise ConfigError("the sample holds no readable record; check --input and --format")
     rows = classify_table(table, schema)
+    limit = 0.01 if args.max_unique_fraction is None else args.max_unique_fraction
+    if not 0 < limit < 1:
+        raise ConfigError("--max-unique-fraction must be a share between 0 and 1, e.g. 0.01")
+    qis = propose_quasi_identifiers(table, rows, limit)
     dataset = args.dataset or "".join(c if c.isalnum() or c in "-_" else "_" for c in os.path.basename(files[0]).split(".")[0]) or "dataset"
     note = f"{table.num_rows} sampled records" + (f", {skipped} unreadable skipped" if skipped else "") + (f", schema {args.schema}" if schema else ", inferred schema")
-    text = proposed_policy_yaml(rows, dataset, note)
+    text = proposed_policy_yaml(rows, dataset, note, qis, limit)
     tmp = args.out + ".partial"
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
     os.replace(tmp, args.out)
     if args.json:
-        json.dump({"sampled": table.num_rows, "skipped": skipped, "fields": rows}, sys.stdout, indent=2, default=str)
+        json.dump({"sampled": table.num_rows, "skipped": skipped, "fields": rows, "quasi_identifier_candidates": qis},
+                  sys.stdout, indent=2, default=str)
         print()
     else:
         print(format_table(rows))
+        for path, prop in qis["columns"].items():
+            print(f"quasi-identifier candidate: {path} ({prop['unique_fraction']:.1%} of sampled records unique) -> "
+                  + (json.dumps(prop["action"]).replace('"', "") if prop["proposal"] == "generalize" else "declared to k_anonymity"))
         print(f"\n{table.num_rows} records sampled" + (f" ({skipped} unreadable skipped)" if skipped else "") + f"; proposed policy written to {args.out}")
     return 0

@@ -124,3 +124,12 @@ def sha256_of(path: str, chunk: int = 1 << 20) -> tuple[int, str]:
             h.update(block)
             size += len(block)
     return size, h.hexdigest()
+
+
+def open_read(path: str) -> BinaryIO:
+    """Open a local path or a Beam FileSystems path (gs://, s3://) for reading bytes."""
+    if is_local(path):
+        return open(path[len("file://"):] if path.startswith("file://") else path, "rb")
+    from apache_beam.io.filesystems import FileSystems
+
+    return FileSystems.open(path)

@@ -10,8 +10,11 @@ Nothing here reads data; a policy never holds a record value.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +43,49 @@ def registered_sections() -> dict[str, SectionCompiler]:
     return dict(_SECTIONS)
 
 
+#: Files a policy names (hierarchy tables): (directory of the policy file, attachments) while one compiles.
+_FILES: contextvars.ContextVar[tuple[str | None, dict[str, str]] | None] = contextvars.ContextVar("cloakbeam_policy_files", default=None)
+
+
+@contextlib.contextmanager
+def policy_files(base_dir: str | None, attachments: dict[str, str]) -> Iterator[dict[str, str]]:
+    """While compiling: resolve files a policy names against `base_dir`, and record their text in `attachments`
+    (path as written in the policy -> text). A worker compiles with the launcher's attachments, so it never
+    needs the files themselves."""
+    token = _FILES.set((base_dir, attachments))
+    try:
+        yield attachments
+    finally:
+        _FILES.reset(token)
+
+
+def read_policy_file(path: str, what: str) -> str:
+    """The text of a file the policy names (relative to the policy file); PolicyError with a sentence if unreadable.
+
+    The text is attached to the compiled policy, so workers see exactly what the launcher validated."""
+    from cloakbeam.errors import PolicyError
+
+    ctx = _FILES.get()
+    base, attachments = ctx if ctx is not None else (None, {})
+    if path in attachments:
+        return attachments[path]
+    full = path if os.path.isabs(path) or "://" in path or base is None else os.path.join(base, path)
+    try:
+        if "://" in full:
+            from cloakbeam.core import fsio
+
+            with fsio.open_read(full) as fh:
+                text = fh.read().decode("utf-8")
+        else:
+            with open(full, encoding="utf-8") as fh:
+                text = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not readable UTF-8 text"
+        raise PolicyError(f"{what}: cannot read file {path} (relative to the policy file): {reason}") from None
+    attachments[path] = text
+    return text
+
+
 @dataclass
 class CompiledPolicy:
     """A validated policy: one Action per kept-or-protected leaf path, and the dropped paths."""
@@ -55,6 +101,8 @@ class CompiledPolicy:
     #: Checks run on every input batch before protection: fn(columns by leaf path, ctx) -> None; they raise
     #: (fail closed) or count into ctx.stats. Section compilers append to this list.
     checks: list[Callable[[Mapping[str, pa.Array], Any], None]] = field(default_factory=list)
+    #: Files the policy names (hierarchy tables), path as written -> text; carried to workers with the policy.
+    attachments: dict[str, str] = field(default_factory=dict)
 
     @property
     def output_actions(self) -> dict[str, Action]:

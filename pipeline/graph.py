@@ -81,6 +81,7 @@ def prepare(settings: RunSettings) -> PreparedRun:
         _check_inputs(settings.inputs)
     if settings.evaluate:
         _check_evaluation(settings, policy)
+    policy = _resolve_sampled(policy, settings)
     config = load_config_file(settings.config)
     state = resolve_state_dir(settings.state_dir, config)
     keys = key_ref_from(config, state)
@@ -124,6 +125,68 @@ def _ensure_keys(keys: Any, dev: bool) -> None:
 
     if ensure_local_keyring(keys.path):
         print(f"cloakbeam: created an UNPROTECTED development keyring pair at {keys.path} (--dev; never for real data)", file=__import__("sys").stderr)
+
+
+QUANTILE_SAMPLE_ROWS = 10_000
+
+
+def _resolve_sampled(policy: CompiledPolicy, settings: RunSettings) -> CompiledPolicy:
+    """Quantile bands are computed on a sample of the input before any data moves: the first
+    QUANTILE_SAMPLE_ROWS valid records of the input files in name order, so the same input gives the same
+    edges on every runner. The edges are written into the policy document the workers compile (and so into
+    the manifest's field report); the sample itself is never stored."""
+    from cloakbeam.transforms.generalize import needs_sample, resolve_quantiles
+    from cloakbeam.transforms.policy import compile_policy
+
+    fields = needs_sample(policy.raw)
+    if not fields:
+        return policy
+    sample, rows = _sample_inputs(settings, policy, fields, QUANTILE_SAMPLE_ROWS)
+    if rows == 0 and settings.runner_options.get("streaming"):
+        # A stream's bands come from the files present when it starts and hold for the whole stream.
+        raise ConfigError(f"field '{fields[0]}' uses quantile bands, which are computed on a sample of the input when the run "
+                          "starts, and the stream has no readable record yet: start it with some input, or give the bands as "
+                          "edges (method: band, edges: [...]) instead")
+    if rows == 0:  # nothing valid to release: any edges do, and the manifest records that they came from no records
+        import pyarrow as pa
+
+        sample = {f: pa.array([], pa.float64()) for f in fields}
+    raw = resolve_quantiles(policy.raw, sample, rows)
+    return compile_policy(raw, policy.schema, source=policy.source, attachments=policy.attachments,
+                          text=_policy_text(policy.source))
+
+
+def _policy_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+def _sample_inputs(settings: RunSettings, policy: CompiledPolicy, fields: Sequence[str], n: int) -> tuple[dict[str, Any], int]:
+    import pyarrow as pa
+    from apache_beam.io.filesystems import FileSystems
+
+    from cloakbeam.transforms.ingest import Rejected, detect_format, read_source
+    from cloakbeam.transforms.protect import flatten_columns
+
+    paths = sorted({m.path for pattern in settings.inputs for m in FileSystems.match([pattern])[0].metadata_list})
+    batches, rows = [], 0
+    for path in paths:
+        with fsio.open_read(path) as fh:
+            for item in read_source(fh, path, detect_format(path, settings.input_format), policy.schema, min(n, 4096)):
+                if isinstance(item, Rejected):
+                    continue
+                cols = flatten_columns(item)
+                batches.append({f: cols[f] for f in fields})
+                rows += item.num_rows
+                if rows >= n:
+                    break
+        if rows >= n:
+            break
+    sample = {f: pa.concat_arrays([b[f] for b in batches]).slice(0, n) for f in fields} if batches else {}
+    return sample, min(rows, n)
 
 
 def _check_inputs(patterns: Sequence[str]) -> None:
@@ -187,6 +250,9 @@ def build_graph(p: Any, run: PreparedRun) -> None:
     kanon = run.policy.sections.get("k_anonymity")
     if kanon is not None:
         protected = protected | "EnforceKAnonymity" >> kanon.batch_transform(run.runtime)
+    scan = run.policy.sections.get("uniqueness")
+    if scan is not None:  # quasi-identifier discovery on the released records (fails the run after, never silently)
+        protected = protected | "ScanUniqueness" >> scan.batch_transform(run.runtime)
     written = protected | "WriteTrainingParquet" >> WriteTrainingParquet(run.out_dir, run.runtime, run.policy)
     ends = [written] + _evidence_branches(records, run)
     if len(ends) > 1:  # one final Flatten joins every end: the DaskRunner computes a single leaf (BEAM-NOTES)
@@ -228,6 +294,7 @@ def run_pipeline(settings: RunSettings) -> dict[str, Any]:
             result.wait_until_finish()
     finished = dt.datetime.now(dt.timezone.utc)
     stats = _load_stats(run.stats_path)
+    _check_release(run, stats)
     manifest = build_manifest(
         run_id=run.runtime.run_id,
         started=started,
@@ -261,6 +328,38 @@ def _attach_evaluation(manifest: dict[str, Any], run: PreparedRun) -> None:
     finally:
         ks.close()
     manifest.setdefault("sections", {}).update(found)
+
+
+def _check_release(run: PreparedRun, stats: Any) -> None:
+    """Checks on the whole release that only the end of the run can make (the uniqueness scan). A failed check
+    withdraws the release: its data files are removed, no manifest is written, and the run fails."""
+    from cloakbeam.transforms.uniqueness import UniquenessRiskError
+
+    scan = run.policy.sections.get("uniqueness")
+    if scan is None:
+        return
+    try:
+        scan.check(stats)
+    except UniquenessRiskError as exc:
+        removed = _withdraw(run.out_dir, [f.path for f in stats.files if f.kind == "data"])
+        raise UniquenessRiskError(f"{exc}. The release was withdrawn: {removed} data file(s) removed, no manifest written") from None
+
+
+def _withdraw(out_dir: str, paths: Sequence[str]) -> int:
+    removed = 0
+    for rel in paths:
+        path = fsio.join(out_dir, rel)
+        try:
+            if fsio.is_local(path):
+                os.unlink(path)
+            else:
+                from apache_beam.io.filesystems import FileSystems
+
+                FileSystems.delete([path])
+            removed += 1
+        except (OSError, Exception):  # noqa: B014 - best effort; the run fails either way
+            log.warning("could not remove a data file of a withdrawn release")
+    return removed
 
 
 class _nullcontext:

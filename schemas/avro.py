@@ -43,6 +43,7 @@ class FieldInfo:
     max_length: int | None = None
     is_record: bool = False
     avro_type: Any = None
+    source_name: str | None = None  # the name in the input files when it is not a valid Avro name (CSV headers)
 
     @property
     def name(self) -> str:
@@ -65,6 +66,11 @@ class InputSchema:
     @property
     def top_level(self) -> list[str]:
         return [p for p in self.fields if "." not in p]
+
+    @property
+    def source_names(self) -> dict[str, str]:
+        """Input-file name -> field name, for fields declaring `cloakbeam.source_name` (top level only)."""
+        return {f.source_name: p for p, f in self.fields.items() if f.source_name is not None}
 
     def content_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.avro, sort_keys=True).encode()).hexdigest()
@@ -97,7 +103,26 @@ def schema_from_dict(avro: dict[str, Any], source: str = "<inline>") -> InputSch
         raise SchemaError(f"schema {source} is not a valid Avro schema: {exc}") from None
     index: dict[str, FieldInfo] = {}
     fields = [_convert_field(f, "", index, source) for f in avro["fields"]]
+    _check_source_names(index, source)
     return InputSchema(avro=avro, arrow=pa.schema(fields), fields=index, source=source)
+
+
+def _check_source_names(index: dict[str, FieldInfo], source: str) -> None:
+    """`cloakbeam.source_name` maps a header such as `marital-status` (not an Avro name) to a field."""
+    seen: dict[str, str] = {}
+    for path, info in index.items():
+        alias = info.source_name
+        if alias is None:
+            continue
+        if "." in path:
+            raise SchemaError(f"schema {source}: field '{path}': cloakbeam.source_name is supported on top-level fields only")
+        if not isinstance(alias, str) or not alias:
+            raise SchemaError(f"schema {source}: field '{path}': cloakbeam.source_name must be a non-empty string")
+        if alias in index and alias != path:
+            raise SchemaError(f"schema {source}: field '{path}': cloakbeam.source_name '{alias}' is the name of another field")
+        if alias in seen:
+            raise SchemaError(f"schema {source}: fields '{seen[alias]}' and '{path}' declare the same cloakbeam.source_name '{alias}'")
+        seen[alias] = path
 
 
 def _split_nullable(t: Any) -> tuple[Any, bool]:
@@ -165,6 +190,7 @@ def _convert_field(f: dict[str, Any], prefix: str, index: dict[str, FieldInfo], 
         max_length=max_len,
         is_record=is_record,
         avro_type=inner,
+        source_name=f.get("cloakbeam.source_name"),
     )
     return pa.field(name, arrow_type, nullable=nullable)
 

@@ -9,9 +9,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-REPO = Path(__file__).resolve().parent.parent
-SCHEMA = REPO / "schemas" / "customers.avsc"
-POLICY = REPO / "schemas" / "customers.policy.yaml"
+from cloakbeam.tests.paths import POLICY, REPO, SCHEMA  # noqa: F401 - the reference policy for small inputs
 
 
 def make_inputs(d: Path, rows: int = 1500, files: int = 2, dirty: float = 0.02) -> list[str]:

@@ -228,6 +228,9 @@ class RecordCoercer:
     def coerce(self, record: Any) -> dict[str, Any]:
         if not isinstance(record, dict):
             raise _Invalid("wrong_type", None)
+        aliases = self.schema.source_names
+        if aliases:
+            record = {aliases.get(k, k): v for k, v in record.items()}
         return {name: conv(record.get(name)) for name, conv in self.fields}
 
     def flush(self) -> pa.RecordBatch:
@@ -283,6 +286,13 @@ def _read_text(fh: BinaryIO, source: str, schema: InputSchema, batch_size: int, 
             try:
                 columns = next(csv.reader([raw.decode("utf-8")]))
                 header_line = raw if raw.endswith(b"\n") else raw + b"\n"
+                aliases = schema.source_names
+                if aliases and any(c in aliases for c in columns):
+                    # Headers that are not Avro names (`marital-status`) map to their field by cloakbeam.source_name.
+                    columns = [aliases.get(c, c) for c in columns]
+                    buf = io.StringIO()
+                    csv.writer(buf, lineterminator="\n").writerow(columns)
+                    header_line = buf.getvalue().encode("utf-8")
             except (UnicodeDecodeError, csv.Error, StopIteration):
                 # Without a header no line can be mapped to fields: quarantine the whole file as one entry
                 # that counts every remaining non-empty line.
@@ -331,11 +341,15 @@ def _fast_parse(data: bytes, schema: InputSchema, fmt: str, columns: list[str] |
 
     loose = _parse_schema(schema)
     if fmt == "jsonl":
+        renamed = {v: k for k, v in schema.source_names.items()}  # field -> key in the file
+        by_key = pa.schema([f.with_name(renamed.get(f.name, f.name)) for f in loose])
         table = pj.read_json(
             io.BytesIO(data),
             read_options=pj.ReadOptions(block_size=max(1 << 20, len(data) + 1)),
-            parse_options=pj.ParseOptions(explicit_schema=loose, unexpected_field_behavior="ignore"),
+            parse_options=pj.ParseOptions(explicit_schema=by_key, unexpected_field_behavior="ignore"),
         )
+        if renamed:
+            table = table.rename_columns([schema.source_names.get(n, n) for n in table.column_names])
     else:
         types = {f.name: f.type for f in loose if f.name in (columns or [])}
         table = pcsv.read_csv(
@@ -501,7 +515,10 @@ def _read_parquet(fh: BinaryIO, source: str, schema: InputSchema, batch_size: in
         yield Rejected(source, "byte offset 0", "corrupt_parquet", None, b"", records=1)
         return
     offset = 0
+    aliases = schema.source_names
     for batch in pf.iter_batches(batch_size=batch_size):
+        if aliases:
+            batch = batch.rename_columns([aliases.get(n, n) for n in batch.schema.names])
         good, rejected = validate_batch(batch, schema, source, offset)
         yield from rejected
         if good.num_rows:

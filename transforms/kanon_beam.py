@@ -8,6 +8,12 @@ Batch:  pcoll ─ CountClasses (per batch group_by) ─ CombineGlobally(merge) �
         pcoll ──────────────────────────────────────────────── Generalize+Suppress ◄───────┘ ─ Flatten ─ out
                                                                       SearchLattice ─ ReportStats ─┘
 
+Uniqueness scan (quasi-identifier discovery), after enforcement, before the write:
+        pcoll ─ SketchBatches ─ CombineGlobally(merge sketches) ─ Evaluate ─┐
+        pcoll ─────────────────────────────────────────────────────────────┴─ Flatten ─ out
+The sketches are bounded bottom-k sketches with counts (`cloakbeam.transforms.uniqueness`); the report travels
+as one RunStats element and the launcher fails the run (and removes the written files) when it failed.
+
 Streaming: FixedWindows(window_seconds) with allowed lateness; per window a single-key GroupByKey is the
 delay-bounded buffer (records wait at most until the watermark passes the window's end); each pane runs its own
 search and suppresses the records whose class cannot reach k (or l) by that deadline.
@@ -36,6 +42,7 @@ from cloakbeam.transforms.kanon import (
     make_plan,
     merge_frequency_sets,
 )
+from cloakbeam.transforms.uniqueness import ScanSketch, ScanSpec, evaluate, merge_sketches, sketch_batch
 
 _COMPACT_ROWS = 200_000  # compact a combiner accumulator once its pending tables exceed this many rows
 
@@ -133,6 +140,62 @@ class EnforceKAnonymity(beam.PTransform):
         released = pcoll | "GeneralizeSuppress" >> beam.ParDo(_ApplyPlan(spec), plan=beam.pvalue.AsSingleton(plan))
         report = plan | "ReportStats" >> beam.Map(_report_stats)
         return (released, report) | "JoinReport" >> beam.Flatten()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Uniqueness scan
+# ---------------------------------------------------------------------------------------------------------
+class _SketchBatch(beam.DoFn):
+    """Per released batch: the bottom-k sketches of every measured combination (hashes and counts only)."""
+
+    def __init__(self, spec: ScanSpec) -> None:
+        self.spec = spec
+
+    def process(self, element: Any) -> Iterator[ScanSketch]:
+        if isinstance(element, RunStats) or element.num_rows == 0:
+            return
+        yield sketch_batch(_columns(element), self.spec)
+
+
+class _MergeSketches(beam.CombineFn):
+    """Union of bottom-k sketches: memory bounded by combinations x sketch size, whatever the data size."""
+
+    def __init__(self, spec: ScanSpec) -> None:
+        self.spec = spec
+
+    def create_accumulator(self) -> ScanSketch:
+        return ScanSketch()
+
+    def add_input(self, acc: ScanSketch, sketch: ScanSketch) -> ScanSketch:
+        return acc.merge(sketch, self.spec.sketch_size)
+
+    def merge_accumulators(self, accs: Iterable[ScanSketch]) -> ScanSketch:
+        return merge_sketches(list(accs), self.spec)
+
+    def extract_output(self, acc: ScanSketch) -> ScanSketch:
+        return acc
+
+
+def _scan_report(sketch: ScanSketch, spec: ScanSpec) -> RunStats:
+    return RunStats(extra={"uniqueness": evaluate(sketch, spec)})
+
+
+class ScanUniqueness(beam.PTransform):
+    """Measure how many released records each column and combination singles out; pass every element through
+    and add one RunStats with the report. The verdict is the launcher's (`UniquenessSection.check`)."""
+
+    def __init__(self, spec: ScanSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def expand(self, pcoll: beam.PCollection) -> beam.PCollection:
+        report = (
+            pcoll
+            | "SketchBatches" >> beam.ParDo(_SketchBatch(self.spec))
+            | "MergeSketches" >> beam.CombineGlobally(_MergeSketches(self.spec))
+            | "Evaluate" >> beam.Map(_scan_report, self.spec)
+        )
+        return (pcoll, report) | "JoinScan" >> beam.Flatten()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from cloakbeam.core.policy import CORE_KEYS, POLICY_VERSION, CompiledPolicy, registered_sections
+from cloakbeam.core.policy import CORE_KEYS, POLICY_VERSION, CompiledPolicy, policy_files, registered_sections
 from cloakbeam.errors import PolicyError
 from cloakbeam.schemas.avro import FieldInfo, InputSchema
 from cloakbeam.transforms.registry import Action, get_action
@@ -36,6 +36,7 @@ __all__ = ["CompiledPolicy", "compile_policy", "load_policy", "SECTION_MODULES"]
 SECTION_MODULES = (
     "cloakbeam.transforms.classify",
     "cloakbeam.transforms.kanon",
+    "cloakbeam.transforms.uniqueness",  # after kanon: it reads the declared quasi-identifiers
     "cloakbeam.transforms.split",
     "cloakbeam.transforms.dp",
     "cloakbeam.keys.parquet_encryption",
@@ -69,12 +70,20 @@ def load_policy(path: str | Path, schema: InputSchema) -> CompiledPolicy:
     return compile_policy(raw, schema, source=str(p), text=text)
 
 
-def compile_policy(raw: Any, schema: InputSchema, source: str = "<inline>", text: str | None = None) -> CompiledPolicy:
+def compile_policy(raw: Any, schema: InputSchema, source: str = "<inline>", text: str | None = None,
+                   attachments: Mapping[str, str] | None = None) -> CompiledPolicy:
+    """Compile a parsed policy. Files it names (hierarchy tables) are read relative to `source`'s directory,
+    unless `attachments` (path as written -> text, from the launcher's compile) already holds them."""
     if not isinstance(raw, dict):
         raise PolicyError(f"policy {source} must be a YAML mapping with a 'fields' section")
     _load_sections()
+    base = None if source.startswith("<") else (str(Path(source).parent) if "://" not in source else source.rsplit("/", 1)[0])
+    files = dict(attachments or {})
     try:
-        return _compile(raw, schema, source, text)
+        with policy_files(base, files):
+            policy = _compile(raw, schema, source, text)
+        policy.attachments = files
+        return policy
     except PolicyError as exc:
         msg = str(exc)
         if source not in msg:

@@ -41,6 +41,7 @@ class PolicyRef:
     schema_source: str
     policy_source: str
     policy_text: str | None = None
+    attachments: dict | None = None  # files the policy names (hierarchy tables), as the launcher read them
 
     @classmethod
     def of(cls, policy: Any) -> PolicyRef:
@@ -50,12 +51,13 @@ class PolicyRef:
                 text = fh.read()
         except OSError:
             pass
-        return cls(policy.schema.avro, policy.raw, policy.schema.source, policy.source, text)
+        return cls(policy.schema.avro, policy.raw, policy.schema.source, policy.source, text, dict(getattr(policy, "attachments", {}) or {}))
 
     def compile(self) -> Any:
         from cloakbeam.transforms.policy import compile_policy
 
-        return compile_policy(self.policy_raw, schema_from_dict(self.schema_avro, self.schema_source), self.policy_source, self.policy_text)
+        return compile_policy(self.policy_raw, schema_from_dict(self.schema_avro, self.schema_source), self.policy_source, self.policy_text,
+                              attachments=self.attachments)
 
 
 class ArrowBatchCoder(beam.coders.Coder):

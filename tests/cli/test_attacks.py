@@ -36,6 +36,8 @@ POLICY = {
         "gender": "keep",
         "churned": "keep",
     },
+    # 150-record releases single people out whatever they keep: the uniqueness scan reports without failing here.
+    "uniqueness": {"max_unique_fraction": 1},
 }
 
 
@@ -217,7 +219,8 @@ def test_run_without_keys_exits_2_unless_dev(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setenv("CLOAKBEAM_STATE_DIR", str(state))
     src = generate(tmp_path / "c.jsonl", 30, seed=1, fmt="jsonl")
     pol = tmp_path / "p.yaml"
-    pol.write_text(yaml.safe_dump({"version": 1, "dataset": "d", "fields": {"gender": "keep", "ssn": "encrypt"}}))
+    pol.write_text(yaml.safe_dump({"version": 1, "dataset": "d", "fields": {"gender": "keep", "ssn": "encrypt"},
+                                   "uniqueness": {"max_unique_fraction": 1}}))  # 30 records: report only
     args = ["run", "--input", src["path"], "--schema", str(SCHEMA), "--policy", str(pol), "--output", str(tmp_path / "out")]
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -226,7 +229,8 @@ def test_run_without_keys_exits_2_unless_dev(tmp_path: Path, monkeypatch: pytest
     assert main([*args, "--dev"]) == 0
     assert (state / "keyring.json").exists()
     # a keyring without the reveal key a policy seals to is refused at construction
-    pol.write_text(yaml.safe_dump({"version": 1, "dataset": "d", "fields": {"gender": "keep", "ssn": {"action": "encrypt", "key": "pii-high"}}}))
+    pol.write_text(yaml.safe_dump({"version": 1, "dataset": "d", "fields": {"gender": "keep", "ssn": {"action": "encrypt", "key": "pii-high"}},
+                                   "uniqueness": {"max_unique_fraction": 1}}))
     assert main([*args, "--overwrite"]) == 2
     assert "no reveal public key 'pii-high'" in capsys.readouterr().err
 

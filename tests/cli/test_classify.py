@@ -97,3 +97,35 @@ def test_bad_usage_exits_2(argv, message, reference_inputs, tmp_path, capsys):
     rc, _, err = _run(capsys, *argv, "--out", str(tmp_path / "p.yaml"))
     assert rc == 2
     assert message in err
+
+
+def test_headers_that_are_not_avro_names_get_a_safe_name_and_a_source_name_note(tmp_path, capsys):
+    src = tmp_path / "adult.csv"
+    src.write_text("age,marital-status\n" + "".join(f"{20 + i % 50},Divorced\n" for i in range(50)))
+    out_yaml = tmp_path / "p.yaml"
+    rc, _, _ = _run(capsys, "--input", str(src), "--out", str(out_yaml))
+    text = out_yaml.read_text()
+    assert rc == 0
+    assert "'marital-status' is not an Avro name; name the schema field 'marital_status'" in text
+    assert '"cloakbeam.source_name": "marital-status"' in text
+
+
+@pytest.mark.parametrize("with_schema", [False, True])
+def test_proposal_declares_or_generalizes_the_columns_the_uniqueness_scan_flags(with_schema, reference_inputs, customers_schema, tmp_path, capsys):
+    out_yaml = tmp_path / "p.yaml"
+    argv = ["--input", reference_inputs["jsonl"]["path"], "--sample", "3000", "--out", str(out_yaml), "--json"]
+    if with_schema:
+        argv += ["--schema", str(SCHEMA)]
+    rc, out, _ = _run(capsys, *argv)
+    assert rc == 0
+    cand = json.loads(out)["quasi_identifier_candidates"]["columns"]
+    # Raw income is unique for almost everyone, signup_ts for everyone: each gets the finest generalization that
+    # brings it under 1% on the sample; the quasi-identifier classes are declared to k-anonymity.
+    assert cand["income"]["unique_fraction"] > 0.9 and cand["income"]["action"]["method"] == "round" and cand["income"]["after"] <= 0.01
+    assert cand["signup_ts"]["unique_fraction"] > 0.99 and cand["signup_ts"]["action"]["method"] == ("truncate" if with_schema else "date")
+    assert {p for p, c in cand.items() if c["proposal"] == "quasi-identifier"} == {"date_of_birth", "zip", "gender"}
+    policy = load_policy(out_yaml, customers_schema)
+    assert policy.actions["income"].options["method"] == "round" and policy.actions["date_of_birth"].is_auto
+    assert [q.path for q in policy.sections["k_anonymity"].spec.qis] == ["date_of_birth", "zip", "gender"]
+    assert policy.sections["uniqueness"].spec.max_unique_fraction == 0.01
+    assert policy.actions["phone"].name == "mask"  # masked columns are judged on their released form, at run time

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import zipfile
@@ -47,14 +48,30 @@ def test_generate_rejects_bad_arguments(tmp_path, capsys):
     assert exc.value.code == 2
 
 
+@pytest.mark.slow
 def test_demo_prints_the_summary_table(tmp_path, capsys):
-    assert main(["demo", "--rows", "1500", "--out", str(tmp_path / "demo")]) == 0
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0  # the default 20,000 rows: the size the policy is made for
     out = capsys.readouterr().out
-    for needle in ("rows in", "written", "quarantined", "suppressed", "rows/s", "internal_ref", "default deny", "manifest"):
+    for needle in ("rows in", "written", "quarantined", "suppressed", "rows/s", "internal_ref", "default deny", "manifest",
+                   "uniqueness: passed"):
         assert needle in out
     assert (tmp_path / "demo" / ".cloakbeam").is_dir()
-    # A second demo in the same directory replaces the first one.
-    assert main(["demo", "--rows", "1000", "--out", str(tmp_path / "demo")]) == 0
+    assert (tmp_path / "demo" / "output" / "manifest.json").is_file()
+    # The demo ends by printing the release report's path; the manifest carries every release-evidence section.
+    report = tmp_path / "demo" / "output" / "report.html"
+    assert out.strip().splitlines()[-1] == f"cloakbeam demo: report {report}"
+    m = json.loads((tmp_path / "demo" / "output" / "manifest.json").read_text())
+    for name in ("splits", "dp_statistics", "risk", "utility", "k_anonymity", "uniqueness"):
+        assert name in m["sections"], name
+    assert m["sections"]["risk"]["membership_inference"]["measured"]
+    assert report.exists() and "Differentially private statistics" in report.read_text()
+    # A second demo in the same directory replaces the first one. At 1,000 records the release singles people out:
+    # the run fails closed with the scan's sentence and nothing of either run is left to be used.
+    assert main(["demo", "--rows", "1000", "--out", str(tmp_path / "demo")]) == 1
+    err = capsys.readouterr().err
+    assert "uniqueness scan: " in err and "The release was withdrawn" in err
+    assert not (tmp_path / "demo" / "output" / "manifest.json").exists()
+    assert not list((tmp_path / "demo" / "output" / "data").rglob("*.parquet"))
 
 
 def test_help_documents_every_command():

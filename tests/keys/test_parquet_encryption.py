@@ -111,6 +111,7 @@ def test_pipeline_with_parquet_encryption_and_cell_encryption(tmp_path, monkeypa
     monkeypatch.setenv("CLOAKBEAM_STATE_DIR", str(state))
     raw = {"version": 1, "dataset": "customers", "fields": {"ssn": "encrypt", "gender": "keep", "income": "keep", "diagnosis": "keep", "churned": "keep"}}
     raw["parquet_encryption"] = {"columns": {"default": ["diagnosis", "income"]}}
+    raw["uniqueness"] = {"max_unique_fraction": 1}  # 120 records single people out; this test is about encryption
     policy = tmp_path / "policy.yaml"
     policy.write_text(yaml.safe_dump(raw))
     src = generate(tmp_path / "in.jsonl", 120, seed=5, fmt="jsonl")

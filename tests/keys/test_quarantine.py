@@ -55,7 +55,8 @@ def test_pipeline_quarantine_is_sealed_readable_by_role_and_survives_rewrap(tmp_
     src.write_bytes(json.dumps(good).encode() + b"\n" + bad_line + b"\n")
     out = tmp_path / "out"
     # A small policy of its own (the reference one has k-anonymity, which one good record cannot meet).
-    raw_policy = {"version": 1, "dataset": "customers", "fields": {"ssn": "encrypt", "gender": "keep", "churned": "keep"}}
+    raw_policy = {"version": 1, "dataset": "customers", "fields": {"ssn": "encrypt", "gender": "keep", "churned": "keep"},
+                  "uniqueness": {"max_unique_fraction": 1}}  # one released record is unique by definition
     policy = tmp_path / "policy.yaml"
     policy.write_text(yaml.safe_dump(raw_policy))
     run_pipeline(RunSettings(dev=True, inputs=[str(src)], schema=str(SCHEMA), policy=str(policy), output=str(out), progress=False))

@@ -107,3 +107,8 @@ def test_dask_runner_chooses_the_same_levels_and_suppresses_the_same_records(tmp
     for key in ("levels", "records_suppressed", "records_released", "k_achieved", "l_achieved", "class_size_histogram"):
         assert a[key] == b[key]
     assert manifests["direct"]["counts"] == manifests["dask"]["counts"]
+    # The uniqueness scan (a CombineGlobally branch joined by Flatten) gives the same figures on both runners.
+    ua, ub = (manifests[r]["sections"]["uniqueness"] for r in ("direct", "dask"))
+    assert ua["scanned"] and ua["records"] == manifests["direct"]["counts"]["written"]
+    for key in ("records", "riskiest", "failing", "combinations_measured", "passed"):
+        assert ua[key] == ub[key]

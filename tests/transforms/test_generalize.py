@@ -129,7 +129,7 @@ def test_generalize_action_fixed_levels_through_protect_batch():
     pol = _policy({
         "dob": {"action": "generalize", "method": "date", "to": "year"},
         "zip": {"action": "generalize", "method": "prefix", "keep": 3},
-        "gender": {"action": "generalize", "method": "map", "groups": {"known": ["f", "m"]}},
+        "gender": {"action": "generalize", "method": "map", "groups": {"known": ["f", "m"]}, "on_unknown": "top"},
         "age": {"action": "generalize", "method": "band", "width": 10},
     })
     assert all(pol.output_schema().field(n).type == pa.string() for n in ("dob", "zip", "gender", "age"))

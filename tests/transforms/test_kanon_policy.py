@@ -79,6 +79,23 @@ CASES = [
     (_set(["k_anonymity", "kk"], 3), "unknown key 'kk'"),
     (_set(["k_anonymity"], [1, 2]), "the section must be a mapping"),
     (_set(["k_anonymity"], KeyError), "field 'dob' uses 'generalize' with 'level: auto' but the policy has no k_anonymity section"),
+    (_set(["k_anonymity", "metric"], "utility"), "'metric' must be one of loss, discernibility, aecs, entropy, precision"),
+    (_set(["k_anonymity", "weights"], {"dob": 2, "gender": 1}), "'weights' names 'gender', which is not a quasi-identifier"),
+    (_set(["k_anonymity", "weights"], {"dob": 0}), "'weights.dob' must be a positive number"),
+    (lambda r: r["k_anonymity"].update(metric="aecs", weights={"dob": 2}), "metric 'aecs' has no per-attribute terms"),
+    (_set(["k_anonymity", "suppression_weight"], 2), "'suppression_weight' must be between 0"),
+    (lambda r: r["k_anonymity"].update(metric="entropy", suppression_weight=0.3), "applies to the metrics loss and precision"),
+    (_set(["k_anonymity", "sensitive", "diversity"], "shannon"), "'sensitive.diversity' must be distinct, entropy or recursive"),
+    (_set(["k_anonymity", "sensitive", "diversity"], "recursive"), "recursive (c,l)-diversity needs 'sensitive.c'"),
+    (_set(["k_anonymity", "sensitive", "c"], 2), "'sensitive.c' applies to 'diversity: recursive' only"),
+    (_set(["k_anonymity", "sensitive", "t"], 1.5), "'sensitive.t' must be a distance between 0 and 1"),
+    (_set(["k_anonymity", "sensitive", "t_measure"], "hierarchical"), "'sensitive.t_measure' needs 'sensitive.t'"),
+    (lambda r: r["k_anonymity"]["sensitive"].update(t=0.2, t_measure="hierarchical"), "needs 'sensitive.hierarchy'"),
+    (lambda r: r["k_anonymity"]["sensitive"].update(t=0.2, t_measure="hierarchical", hierarchy={"hierarchy": "prefix", "lengths": [2, 3]}),
+     "sensitive attribute 'diagnosis' has a bad hierarchy"),
+    (_set(["k_anonymity", "presence"], {"population": "pop.csv"}), "'presence.population' must be {path: FILE}"),
+    (_set(["k_anonymity", "presence"], {"population": {"path": "p.csv"}, "delta_min": 0.6, "delta_max": 0.5}), "must not exceed"),
+    (_set(["k_anonymity", "presence"], {"population": {"path": "p.csv"}, "columns": {"age": "AGE"}}), "'presence.columns' must map"),
 ]
 
 
@@ -98,3 +115,24 @@ def test_policy_without_section_or_auto_fields_has_no_stage():
 def test_nested_quasi_identifier_is_supported():
     pol = people_policy(qis=("zip", "home.city"))
     assert [q.path for q in pol.sections["k_anonymity"].spec.qis] == ["zip", "home.city"]
+
+
+def test_arx_style_section_compiles_and_describes_every_choice(tmp_path):
+    (tmp_path / "zip.csv").write_text("94107;941;9;*\n94110;941;9;*\n10001;100;1;*\n")
+    (tmp_path / "dx.csv").write_text("flu;resp;*\ncold;resp;*\nok;other;*\n")
+    raw = copy.deepcopy(BASE)
+    raw["k_anonymity"].update(
+        metric="loss", suppression_weight=0.7, weights={"dob": 2},
+        presence={"population": {"path": "population.parquet"}, "delta_max": 0.5},
+    )
+    raw["k_anonymity"]["quasi_identifiers"]["zip"] = {"hierarchy": "csv", "path": "zip.csv", "on_unknown": "top"}
+    raw["k_anonymity"]["sensitive"].update(diversity="entropy", t=0.3, t_measure="hierarchical",
+                                           hierarchy={"hierarchy": "csv", "path": "dx.csv"})
+    pol = compile_policy(raw, people_schema(), source=str(tmp_path / "p.yaml"))
+    spec = pol.sections["k_anonymity"].spec
+    assert spec.weights == (2.0, 1.0) and spec.suppression_weight == 0.7 and spec.diversity == "entropy" and spec.t == 0.3
+    assert spec.presence.base == str(tmp_path) and spec.presence.columns == (("dob", "dob"), ("zip", "zip"))
+    d = pol.sections["k_anonymity"].describe()
+    assert d["quasi_identifiers"]["zip"]["levels"] == ["value", "level 1", "level 2", "suppressed"]
+    assert d["quasi_identifiers"]["zip"]["on_unknown"] == "top" and d["metric"] == "loss" and d["t_measure"] == "hierarchical"
+    assert set(pol.attachments) == {"zip.csv", "dx.csv"}

@@ -57,7 +57,8 @@ def test_output_schema_carries_action_and_class_metadata(customers_schema):
     policy = load_policy(POLICY, customers_schema)
     field = policy.output_schema().field("income")
     assert field.metadata[b"cloakbeam.class"] == b"NUMERIC"
-    assert b'"action": "keep"' in field.metadata[b"cloakbeam.action"]
+    assert b'"action": "generalize"' in field.metadata[b"cloakbeam.action"] and b'"edges": [30000' in field.metadata[b"cloakbeam.action"]
+    assert b'"action": "keep"' in policy.output_schema().field("diagnosis").metadata[b"cloakbeam.action"]
 
 
 def test_unreadable_and_invalid_yaml(tmp_path, customers_schema):
