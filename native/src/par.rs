@@ -1,0 +1,115 @@
+//! Threads across cells: one process-wide rayon pool sized by `set_threads` or `CLOAKBEAM_NATIVE_THREADS`.
+//!
+//! A batch runs on the pool only when it is large enough to pay for the hand-off
+//! (`PARALLEL_MIN_CELLS` cells, or `PARALLEL_MIN_BYTES` of values); below that it stays on the calling
+//! thread. Work is split into contiguous cell ranges, each owning a disjoint slice of the output, so the
+//! result is byte-for-byte the same whatever the thread count (nonces aside, which are random).
+
+use rayon::prelude::*;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+/// Batches with at least this many cells run on the thread pool.
+pub const PARALLEL_MIN_CELLS: usize = 8192;
+/// ... or with at least this many bytes of values (and two cells or more).
+pub const PARALLEL_MIN_BYTES: usize = 1 << 20;
+
+/// A failed cell: what went wrong (a fixed code, never content) and its row.
+#[derive(Clone, Copy, Debug)]
+pub struct Fail {
+    pub code: &'static str,
+    pub row: usize,
+}
+
+struct Pool {
+    threads: usize,
+    pool: Option<Arc<rayon::ThreadPool>>,
+}
+
+static POOL: Mutex<Option<Pool>> = Mutex::new(None);
+
+fn default_threads() -> usize {
+    if let Ok(v) = std::env::var("CLOAKBEAM_NATIVE_THREADS") {
+        if let Ok(n) = v.trim().parse::<usize>() {
+            if n >= 1 {
+                return n;
+            }
+        }
+    }
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+fn build(threads: usize) -> Pool {
+    let pool = if threads > 1 {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("cloakbeam-native-{i}"))
+            .build()
+            .ok()
+            .map(Arc::new)
+    } else {
+        None
+    };
+    Pool { threads: if pool.is_some() { threads } else { 1 }, pool }
+}
+
+/// Set the number of kernel threads (0: the default, `CLOAKBEAM_NATIVE_THREADS` or the CPU count).
+pub fn set_threads(n: usize) -> usize {
+    let n = if n == 0 { default_threads() } else { n };
+    let mut g = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    if g.as_ref().map(|p| p.threads) != Some(n) {
+        *g = Some(build(n));
+    }
+    g.as_ref().map(|p| p.threads).unwrap_or(1)
+}
+
+fn current() -> (usize, Option<Arc<rayon::ThreadPool>>) {
+    let mut g = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    if g.is_none() {
+        *g = Some(build(default_threads()));
+    }
+    let p = g.as_ref().unwrap();
+    (p.threads, p.pool.clone())
+}
+
+/// The number of threads kernels use for large batches.
+pub fn threads() -> usize {
+    current().0
+}
+
+/// Run `f` over the cells `0..n`, giving each call a cell range and that range's slice of `out`.
+/// `start(i)` is where cell `i`'s output begins in `out` (`start(n)` is `out.len()`).
+/// Returns the failure with the lowest row, if any.
+pub fn run_chunks<F>(n: usize, value_bytes: usize, out: &mut [u8], start: &(dyn Fn(usize) -> usize + Sync), f: F) -> Result<(), Fail>
+where
+    F: Fn(Range<usize>, &mut [u8]) -> Result<(), Fail> + Sync,
+{
+    let (threads, pool) = current();
+    let big = n >= PARALLEL_MIN_CELLS || (value_bytes >= PARALLEL_MIN_BYTES && n >= 2);
+    let pool = match pool {
+        Some(p) if big && threads > 1 => p,
+        _ => return f(0..n, out),
+    };
+    let k = (threads * 4).min(n).max(1);
+    let mut parts: Vec<(Range<usize>, &mut [u8])> = Vec::with_capacity(k);
+    let mut rest = out;
+    let mut consumed = 0usize;
+    for c in 0..k {
+        let (a, b) = (n * c / k, n * (c + 1) / k);
+        let end = start(b);
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(end - consumed);
+        consumed = end;
+        rest = tail;
+        parts.push((a..b, head));
+    }
+    let errors: Vec<Fail> = pool.install(|| {
+        parts
+            .into_par_iter()
+            .filter_map(|(r, o)| f(r, o).err())
+            .collect()
+    });
+    match errors.into_iter().min_by_key(|e| e.row) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
