@@ -74,15 +74,25 @@ class KeyRef:
 
 
 class DataKey:
-    """One data key: its id, mode and AEAD object. Never pickled, never printed."""
+    """One data key: its id, mode and AEAD object. Never pickled, never printed.
 
-    __slots__ = ("key_id", "deterministic", "aead", "record")
+    `material` (the raw 32-byte GCM or 64-byte SIV key) is kept only for the native cell kernel, which
+    needs the key itself rather than a `cryptography` object; it is reachable through
+    `_native_material()` alone, and is in no repr, pickle or record.
+    """
 
-    def __init__(self, key_id: bytes, deterministic: bool, aead: Any, record: dict[str, Any]) -> None:
+    __slots__ = ("key_id", "deterministic", "aead", "record", "_material")
+
+    def __init__(self, key_id: bytes, deterministic: bool, aead: Any, record: dict[str, Any], material: bytes | None = None) -> None:
         self.key_id = key_id
         self.deterministic = deterministic
         self.aead = aead
         self.record = record
+        self._material = material
+
+    def _native_material(self) -> bytes | None:
+        """The raw key for `cloakbeam.keys.native` (None when this key was built without it)."""
+        return self._material
 
     def __reduce__(self):  # noqa: D105
         raise TypeError("a DataKey holds key material and cannot be pickled")
@@ -239,7 +249,7 @@ class KeyService:
             self._state.kms_calls += 1
         version, wrapped = self._provider.wrap(kek, material, _dek_aad(record))
         record.update({"kek_version": version, "wrapped": _kr.b64e(wrapped), "created": _kr.now_iso()})
-        return DataKey(key_id, deterministic, _aead_for(alg, material), record)
+        return DataKey(key_id, deterministic, _aead_for(alg, material), record, material)
 
     def wrapped_keys_used(self) -> list[dict[str, Any]]:
         """Wrapped records (no key material) of every DEK this process made or used for this keyring, sorted."""
@@ -271,7 +281,7 @@ class KeyService:
         with self._state.lock:
             self._state.kms_calls += 1
         material = self._provider.unwrap(record["kek"], str(record["kek_version"]), wrapped, _dek_aad(record))
-        key = DataKey(key_id, alg == ALG_SIV, _aead_for(alg, material), dict(record))
+        key = DataKey(key_id, alg == ALG_SIV, _aead_for(alg, material), dict(record), material)
         with self._state.lock:
             self._state.unwrapped[kid] = key
         return key

@@ -21,8 +21,6 @@ The vault never stores, logs or raises with a plaintext value. Keys come from th
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
 import random
@@ -39,6 +37,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from cloakbeam.errors import CloakbeamError, ConfigError, IntegrityError, KeyAccessError
+from cloakbeam.keys import native
 from cloakbeam.vault.tokens import TokenFormat, Tokenizer, normalize
 
 MAX_COUNTER = 10_000
@@ -479,17 +478,16 @@ class Vault:
         return t
 
     def blind_index(self, domain: str, values: Sequence[str]) -> list[bytes]:
-        """Keyed HMAC of normalized values: lets the vault find a value's row without storing the value."""
-        base = hmac.new(self._key(f"vault/{domain}/index"), digestmod=hashlib.sha256)
-        out = []
-        for v in values:
-            m = base.copy()
-            m.update(v.encode())
-            out.append(m.digest())
-        return out
+        """Keyed HMAC of normalized values: lets the vault find a value's row without storing the value.
+        One native keyed-digest call for all values (`cloakbeam.keys.native.hmac_list`)."""
+        return native.hmac_list(self._key(f"vault/{domain}/index"), values)
+
+    def _subject_key_ids(self, subjects: Sequence[str]) -> list[bytes]:
+        """Subject key ids (keyed HMAC of the subject id) of many subjects in one native call."""
+        return native.hmac_list(self._key("vault/subject"), subjects)
 
     def _subject_key_id(self, subject: str) -> bytes:
-        return hmac.new(self._key("vault/subject"), subject.encode(), hashlib.sha256).digest()
+        return self._subject_key_ids([subject])[0]
 
     def subject_ref(self, subject: str) -> str:
         """Keyed hash naming a subject in audit entries (the subject's key id, hex); never the id itself."""
@@ -585,9 +583,9 @@ class Vault:
         now = int(time.time())
         expires = now + domain.ttl_seconds if domain.ttl_seconds else None
         # Data keys: one per subject (when given) or per entry; random, wrapped under the KEK, idempotent insert.
-        kids = [
-            self._subject_key_id(subj[i]) if subj is not None and subj[i] else self._entry_key_id(name, bidx[i]) for i in new
-        ]
+        named = sorted({subj[i] for i in new if subj[i]}) if subj is not None else []
+        skid = dict(zip(named, self._subject_key_ids(named)))
+        kids = [skid[subj[i]] if subj is not None and subj[i] else self._entry_key_id(name, bidx[i]) for i in new]
         uniq = sorted(set(kids))
         raw = os.urandom(32 * len(uniq))
         nonces = os.urandom(12 * len(uniq))

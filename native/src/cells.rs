@@ -3,15 +3,17 @@
 //!   GCM: 0x01 || key id (8) || nonce (12) || ciphertext || tag (16)
 //!   SIV: 0x02 || key id (8) || SIV (16)   || ciphertext
 //!
-//! The associated data is built by the Python caller (`cell_aad`) and passed in once per key. Nonces are
-//! drawn here from the OS CSPRNG (`getrandom`), one draw per block of cells; no caller can supply one.
-//! The AES key schedule and GHASH key are computed once per call, not per cell. Nothing here sees a
+//! AES-256-GCM is ring's (BoringSSL's AES-NI/CLMUL/VAES code, chosen at run time); AES-256-SIV is
+//! RustCrypto's `aes-siv` (ring has no SIV). The associated data is built by the Python caller
+//! (`cell_aad`) and passed in once per key. Nonces are drawn here from the OS CSPRNG (`getrandom`), one
+//! draw per block of cells; no caller can supply one. The AES key schedule and GHASH key are computed
+//! once per call, not per cell. Nothing here sees a
 //! column name or logs; failures carry a fixed code and a row index only.
 
-use aes_gcm::aead::inout::InOutBuf;
-use aes_gcm::aead::AeadInOut;
-use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
+use aes_siv::aead::inout::InOutBuf;
+use aes_siv::aead::KeyInit;
 use aes_siv::siv::Aes256Siv;
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
 use zeroize::Zeroizing;
 
 use crate::par::{run_chunks, Fail};
@@ -90,7 +92,7 @@ pub fn encrypt(deterministic: bool, key: &[u8], key_id: &[u8; KEY_ID_LEN], aad: 
             Ok(())
         })
     } else {
-        let cipher = Aes256Gcm::new_from_slice(key).map_err(|_| Fail { code: "key_size", row: 0 })?;
+        let cipher = gcm_key(key)?;
         run_chunks(n, view.value_bytes(), out, &start, |range, out| {
             let base = start(range.start);
             let mut nonces = vec![0u8; NONCE_LEN * NONCE_BLOCK.min(range.len())];
@@ -114,10 +116,10 @@ pub fn encrypt(deterministic: bool, key: &[u8], key_id: &[u8; KEY_ID_LEN], aad: 
                 cell[1..1 + KEY_ID_LEN].copy_from_slice(key_id);
                 cell[1 + KEY_ID_LEN..GCM_HEADER].copy_from_slice(nonce);
                 let (ct, tag_dst) = cell[GCM_HEADER..].split_at_mut(pt.len());
-                let buf = InOutBuf::new(pt, ct).map_err(|_| Fail { code: "internal", row: i })?;
-                let nonce = Nonce::try_from(nonce).map_err(|_| Fail { code: "internal", row: i })?;
-                let tag = cipher.encrypt_inout_detached(&nonce, aad, buf).map_err(|_| Fail { code: "encrypt", row: i })?;
-                tag_dst.copy_from_slice(&tag);
+                ct.copy_from_slice(pt);
+                let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| Fail { code: "internal", row: i })?;
+                let tag = cipher.seal_in_place_separate_tag(nonce, Aad::from(aad), ct).map_err(|_| Fail { code: "encrypt", row: i })?;
+                tag_dst.copy_from_slice(tag.as_ref());
             }
             Ok(())
         })
@@ -170,8 +172,13 @@ pub struct GroupKey {
     pub aad: Vec<u8>,
 }
 
+/// ring's AES-256-GCM key (key schedule and GHASH powers computed here, once).
+fn gcm_key(key: &[u8]) -> Result<LessSafeKey, Fail> {
+    UnboundKey::new(&AES_256_GCM, key).map(LessSafeKey::new).map_err(|_| Fail { code: "key_size", row: 0 })
+}
+
 enum Opened {
-    Gcm(Box<Aes256Gcm>),
+    Gcm(Box<LessSafeKey>),
     Siv(Zeroizing<[u8; 64]>),
 }
 
@@ -224,7 +231,7 @@ pub fn decrypt(groups: &[GroupKey], view: &View<'_>, offsets: &[u8], wide: bool,
         opened.push(if g.version == CELL_SIV {
             Opened::Siv(Zeroizing::new(<[u8; 64]>::try_from(g.key.as_slice()).map_err(|_| Fail { code: "key_size", row: 0 })?))
         } else {
-            Opened::Gcm(Box::new(Aes256Gcm::new_from_slice(&g.key).map_err(|_| Fail { code: "key_size", row: 0 })?))
+            Opened::Gcm(Box::new(gcm_key(&g.key)?))
         });
     }
     let start = |i: usize| if wide { read_off64(offsets, i) } else { read_off32(offsets, i) };
@@ -260,10 +267,10 @@ pub fn decrypt(groups: &[GroupKey], view: &View<'_>, offsets: &[u8], wide: bool,
                     let body = &c[GCM_HEADER..];
                     let (ct, tag) = body.split_at(body.len() - TAG_LEN);
                     let dst = &mut out[s..s + ct.len()];
-                    let nonce = Nonce::try_from(&c[1 + KEY_ID_LEN..GCM_HEADER]).map_err(|_| Fail { code: "internal", row: i })?;
-                    let tag = tag.try_into().map_err(|_| Fail { code: "internal", row: i })?;
-                    let buf = InOutBuf::new(ct, dst).map_err(|_| Fail { code: "internal", row: i })?;
-                    cipher.decrypt_inout_detached(&nonce, &groups[g].aad, buf, tag).is_ok()
+                    dst.copy_from_slice(ct);
+                    let nonce = Nonce::try_assume_unique_for_key(&c[1 + KEY_ID_LEN..GCM_HEADER]).map_err(|_| Fail { code: "internal", row: i })?;
+                    let tag = Tag::try_from(tag).map_err(|_| Fail { code: "internal", row: i })?;
+                    cipher.open_in_place_separate_tag(nonce, Aad::from(groups[g].aad.as_slice()), tag, dst, 0..).is_ok()
                 }
                 Opened::Siv(key) => {
                     let siv = sivs[g].get_or_insert_with(|| Aes256Siv::new({ let k: &[u8; 64] = &key; k.into() }));

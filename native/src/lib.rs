@@ -2,8 +2,8 @@
 //!
 //! Kernels take an Arrow array as its buffers (zero copy in), release the GIL for the whole batch, and
 //! write their result into buffers they allocate once (`bytes` objects that pyarrow wraps without
-//! copying). Primitives come from RustCrypto only: `aes-gcm`, `aes-siv`, `hmac`, `sha2`; nonces from
-//! `getrandom`. Every failure is raised as `CellError(code, row)`: a fixed code and a row index, never
+//! copying). Primitives come from maintained crates only: ring (AES-256-GCM), RustCrypto `aes-siv`,
+//! `hmac` and `sha2`; nonces from `getrandom`. Every failure is raised as `CellError(code, row)`: a fixed code and a row index, never
 //! content or key material; the facade turns it into cloakbeam's own errors.
 
 use pyo3::create_exception;

@@ -97,6 +97,10 @@ impl<'a> View<'a> {
             }
         }
         let view = View { len, offset, layout, validity, offsets, data };
+        if len == 0 {
+            // An empty array may come without an offsets buffer; nothing will be read.
+            return Ok(View { offset: 0, validity: None, offsets: &[], data: &[], ..view });
+        }
         match layout {
             Layout::Fixed(w) => {
                 if end.checked_mul(w).map_or(true, |b| b > data.len()) {
@@ -175,6 +179,9 @@ impl<'a> View<'a> {
 
     /// Total bytes of the values (for the parallelism threshold).
     pub fn value_bytes(&self) -> usize {
+        if self.len == 0 {
+            return 0;
+        }
         match self.layout {
             Layout::Fixed(w) => self.len * w,
             _ => self.off(self.offset + self.len) - self.off(self.offset),
