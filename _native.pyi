@@ -21,7 +21,7 @@ def encrypt_cells(deterministic: bool, key: bytes, key_id: bytes, aad: bytes, vi
 def scan_cells(view: View) -> tuple[Optional[int], Optional[tuple[int, bool]], list[tuple[int, bytes, int]]]:
     """(first truncated row, (first bad row, unknown version?), [(version, key id, first row)])."""
 
-def decrypt_cells(groups: list[tuple[int, bytes, bytes, bytes]], view: View, wide: bool) -> tuple[Optional[bytes], bytes, bytes, int, bool, list[Optional[int]]]:
+def decrypt_cells(groups: list[tuple[int, bytes, bytes, list[bytes]]], view: View, wide: bool) -> tuple[Optional[bytes], bytes, bytes, int, bool, list[Optional[int]]]:
     """(validity, offsets, plaintext data, null count, offsets are int64, first failing row per group)."""
 
 def hmac_sha256(key: bytes, prefix: bytes, view: View, counters: Any = None) -> bytes:

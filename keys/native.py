@@ -111,10 +111,12 @@ def scan_cells(arr: pa.Array) -> tuple[int | None, tuple[int, bool] | None, list
     return _native.scan_cells(view(arr))
 
 
-def decrypt_cells(arr: pa.Array, groups: Sequence[tuple[int, bytes, bytes, bytes]], *, wide: bool) -> tuple[pa.Buffer | None, np.ndarray, pa.Buffer, int, bool, list[int | None]]:
+def decrypt_cells(arr: pa.Array, groups: Sequence[tuple[int, bytes, bytes, bytes | Sequence[bytes]]], *, wide: bool) -> tuple[pa.Buffer | None, np.ndarray, pa.Buffer, int, bool, list[int | None]]:
     """Decrypt the cells of `groups` [(version, key id, raw key, aad)]: (validity, offsets, data, nulls,
-    offsets are int64, first failing row per group). The caller raises on failures."""
-    validity, offsets, data, nulls, is_wide, fails = _native.decrypt_cells(list(groups), view(arr), wide)
+    offsets are int64, first failing row per group). The caller raises on failures. `aad` is one bytes
+    string for cells; a list of items (SIV only) serves the Wycheproof AEAD-SIV vectors."""
+    items = [(v, kid, key, [aad] if isinstance(aad, (bytes, bytearray)) else list(aad)) for v, kid, key, aad in groups]
+    validity, offsets, data, nulls, is_wide, fails = _native.decrypt_cells(items, view(arr), wide)
     odt = np.int64 if is_wide else np.int32
     return (
         None if validity is None else pa.py_buffer(validity),

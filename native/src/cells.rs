@@ -164,12 +164,14 @@ pub fn scan(view: &View<'_>) -> Scan {
     Scan { short_row, bad, groups: groups.into_iter().map(|(k, v, r)| (v, k.to_le_bytes(), r)).collect() }
 }
 
-/// One key of a decrypt call: the cells with this (version, key id) use `key` and `aad`.
+/// One key of a decrypt call: the cells with this (version, key id) use `key` and associated data `aad`.
+/// Cells have exactly one associated-data item; SIV accepts several (RFC 5297 S2V vector), which only
+/// the Wycheproof AEAD-SIV tests use (their nonce is a second item).
 pub struct GroupKey {
     pub version: u8,
     pub key_id: [u8; KEY_ID_LEN],
     pub key: Zeroizing<Vec<u8>>,
-    pub aad: Vec<u8>,
+    pub aad: Vec<Vec<u8>>,
 }
 
 /// ring's AES-256-GCM key (key schedule and GHASH powers computed here, once).
@@ -228,6 +230,9 @@ pub fn plain_total(view: &View<'_>) -> Result<usize, Fail> {
 pub fn decrypt(groups: &[GroupKey], view: &View<'_>, offsets: &[u8], wide: bool, out: &mut [u8]) -> Result<Vec<Option<usize>>, Fail> {
     let mut opened = Vec::with_capacity(groups.len());
     for g in groups {
+        if g.aad.is_empty() || (g.version != CELL_SIV && g.aad.len() != 1) {
+            return Err(Fail { code: "associated_data", row: 0 });
+        }
         opened.push(if g.version == CELL_SIV {
             Opened::Siv(Zeroizing::new(<[u8; 64]>::try_from(g.key.as_slice()).map_err(|_| Fail { code: "key_size", row: 0 })?))
         } else {
@@ -270,7 +275,7 @@ pub fn decrypt(groups: &[GroupKey], view: &View<'_>, offsets: &[u8], wide: bool,
                     dst.copy_from_slice(ct);
                     let nonce = Nonce::try_assume_unique_for_key(&c[1 + KEY_ID_LEN..GCM_HEADER]).map_err(|_| Fail { code: "internal", row: i })?;
                     let tag = Tag::try_from(tag).map_err(|_| Fail { code: "internal", row: i })?;
-                    cipher.open_in_place_separate_tag(nonce, Aad::from(groups[g].aad.as_slice()), tag, dst, 0..).is_ok()
+                    cipher.open_in_place_separate_tag(nonce, Aad::from(groups[g].aad[0].as_slice()), tag, dst, 0..).is_ok()
                 }
                 Opened::Siv(key) => {
                     let siv = sivs[g].get_or_insert_with(|| Aes256Siv::new({ let k: &[u8; 64] = &key; k.into() }));
@@ -278,7 +283,7 @@ pub fn decrypt(groups: &[GroupKey], view: &View<'_>, offsets: &[u8], wide: bool,
                     let ct = &c[SIV_HEADER..];
                     let dst = &mut out[s..s + ct.len()];
                     let buf = InOutBuf::new(ct, dst).map_err(|_| Fail { code: "internal", row: i })?;
-                    siv.decrypt_inout_detached([groups[g].aad.as_slice()], buf, tag).is_ok()
+                    siv.decrypt_inout_detached(groups[g].aad.iter(), buf, tag).is_ok()
                 }
             };
             if !ok {

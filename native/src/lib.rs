@@ -72,14 +72,14 @@ fn scan_cells<'py>(py: Python<'py>, view: ViewArgs<'py>) -> PyResult<(Option<usi
     Ok((s.short_row, s.bad, groups))
 }
 
-/// Decrypt the cells of the given (version, key id, key, aad) groups; returns
+/// Decrypt the cells of the given (version, key id, key, [associated data]) groups; returns
 /// (validity, offsets, data, nulls, offsets are int64?, [first failing row per group]).
 #[pyfunction]
 #[pyo3(signature = (groups, view, wide))]
 #[allow(clippy::type_complexity)]
 fn decrypt_cells<'py>(
     py: Python<'py>,
-    groups: Vec<(u8, Vec<u8>, Vec<u8>, Vec<u8>)>,
+    groups: Vec<(u8, Vec<u8>, Vec<u8>, Vec<Vec<u8>>)>,
     view: ViewArgs<'py>,
     wide: bool,
 ) -> PyResult<(Option<Bound<'py, PyBytes>>, Bound<'py, PyBytes>, Bound<'py, PyBytes>, usize, bool, Vec<Option<usize>>)> {
