@@ -39,6 +39,11 @@ def normalize(values: "Sequence[str] | pa.Array", how: str) -> list[str]:
     """Normalize values before the PRF: none | trim (strip whitespace) | lower (trim + lower-case) | digits
     (ASCII digits only). Vectorized with Arrow compute; the tokenize action and forget/lookup by value both
     call this, so a value is always normalized the same way."""
+    return normalize_array(values, how).to_pylist()
+
+
+def normalize_array(values: "Sequence[str] | pa.Array", how: str) -> pa.Array:
+    """`normalize` as an Arrow array (for callers that stay columnar)."""
     if how not in NORMALIZERS:
         raise ValueError(f"unknown normalization '{how}'")
     arr = values if isinstance(values, pa.Array) else pa.array(list(values), pa.string())
@@ -48,7 +53,7 @@ def normalize(values: "Sequence[str] | pa.Array", how: str) -> list[str]:
         arr = pc.utf8_lower(arr)
     if how == "digits":
         arr = pc.replace_substring_regex(arr, pattern="[^0-9]", replacement="")
-    return arr.to_pylist()
+    return arr
 
 
 def luhn_valid(digits: str) -> bool:
@@ -92,6 +97,14 @@ class TokenFormat:
         if self.kind == "opaque":
             return True
         return len(value) >= self.min_length() and value.isdigit()
+
+    def valid_mask(self, values: pa.Array) -> np.ndarray:
+        """`valid_input` of every (normalized, non-null) value at once, as a boolean numpy array.
+        For digit formats: at least `min_length()` ASCII digits and nothing else."""
+        if self.kind == "opaque":
+            return np.ones(len(values), dtype=bool)
+        ok = pc.and_(pc.greater_equal(pc.utf8_length(values), self.min_length()), pc.match_substring_regex(values, "^[0-9]+$"))
+        return pc.fill_null(ok, False).to_numpy(zero_copy_only=False)
 
     def space(self, length: int) -> int:
         """Number of distinct tokens for a value of `length` characters (collision probability scale)."""
