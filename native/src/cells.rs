@@ -67,7 +67,7 @@ pub fn encrypt_offsets(view: &View<'_>, overhead: usize, out: &mut [u8]) -> Opti
 }
 
 /// Encrypt every valid cell of `view` into `out` (laid out by `offsets`, int32) under one key.
-pub fn encrypt(deterministic: bool, key: &[u8], key_id: &[u8; KEY_ID_LEN], aad: &[u8], view: &View<'_>, offsets: &[u8], out: &mut [u8]) -> Result<(), Fail> {
+pub fn encrypt(deterministic: bool, key: &[u8], key_id: &[u8; KEY_ID_LEN], aad: &[u8], view: &View<'_>, offsets: &[u8], out: &mut [std::mem::MaybeUninit<u8>]) -> Result<(), Fail> {
     let start = |i: usize| read_off32(offsets, i);
     let n = view.len;
     if deterministic {
@@ -227,7 +227,7 @@ pub fn plain_total(view: &View<'_>) -> Result<usize, Fail> {
 
 /// Decrypt every valid cell whose (version, key id) is among `groups` into `out`.
 /// Returns, per group, the first row failing authentication.
-pub fn decrypt(groups: &[GroupKey], view: &View<'_>, offsets: &[u8], wide: bool, out: &mut [u8]) -> Result<Vec<Option<usize>>, Fail> {
+pub fn decrypt(groups: &[GroupKey], view: &View<'_>, offsets: &[u8], wide: bool, out: &mut [std::mem::MaybeUninit<u8>]) -> Result<Vec<Option<usize>>, Fail> {
     let mut opened = Vec::with_capacity(groups.len());
     for g in groups {
         if g.aad.is_empty() || (g.version != CELL_SIV && g.aad.len() != 1) {
@@ -301,6 +301,8 @@ pub fn decrypt(groups: &[GroupKey], view: &View<'_>, offsets: &[u8], wide: bool,
     let fails = fails.into_inner().unwrap_or_else(|e| e.into_inner());
     if fails.iter().any(|f| f.is_some()) {
         // Authentic neighbours of a failed cell are never returned; do not leave them in freed memory.
+        // (Every byte was initialized by `run_chunks`.)
+        let out = unsafe { &mut *(out as *mut [std::mem::MaybeUninit<u8>] as *mut [u8]) };
         zeroize::Zeroize::zeroize(out);
     }
     Ok(fails)

@@ -56,7 +56,7 @@ impl Counters<'_> {
 }
 
 /// HMAC of every valid value into `out` (32 bytes per value, zeros for nulls).
-pub fn hmac_all(keyed: &Keyed, view: &View<'_>, counters: Counters<'_>, out: &mut [u8]) -> Result<(), Fail> {
+pub fn hmac_all(keyed: &Keyed, view: &View<'_>, counters: Counters<'_>, out: &mut [std::mem::MaybeUninit<u8>]) -> Result<(), Fail> {
     let start = |i: usize| 32 * i;
     run_chunks(view.len, view.value_bytes(), out, &start, |range, out| {
         let base = range.start;
@@ -156,7 +156,7 @@ pub fn token_offsets(fmt: &Format<'_>, view: &View<'_>, out: &mut [u8]) -> Resul
 }
 
 /// Render the token of every value into `out`, laid out by `offsets` (from `token_offsets`).
-pub fn render_all(keyed: &Keyed, fmt: &Format<'_>, view: &View<'_>, counters: Counters<'_>, offsets: &[u8], out: &mut [u8]) -> Result<(), Fail> {
+pub fn render_all(keyed: &Keyed, fmt: &Format<'_>, view: &View<'_>, counters: Counters<'_>, offsets: &[u8], out: &mut [std::mem::MaybeUninit<u8>]) -> Result<(), Fail> {
     let start = |i: usize| crate::cells::read_off32(offsets, i);
     run_chunks(view.len, view.value_bytes(), out, &start, |range, out| {
         let base = start(range.start);

@@ -22,6 +22,25 @@ use view::{Held, View, ViewArgs};
 
 create_exception!(_native, CellError, PyException, "A cell or value the kernel refused: args are (code, row).");
 
+/// A `bytes` object of `len` bytes that `init` fills (the kernels initialize every byte, in parallel
+/// for large outputs, so the allocation is not zeroed up front).
+fn new_bytes<'py, F>(py: Python<'py>, len: usize, init: F) -> PyResult<Bound<'py, PyBytes>>
+where
+    F: FnOnce(&mut [std::mem::MaybeUninit<u8>]) -> PyResult<()>,
+{
+    use pyo3::ffi;
+    // SAFETY: PyBytes_FromStringAndSize(NULL, len) returns a new bytes object with `len` writable bytes
+    // (uninitialized) that nothing else references yet; `init` sees them as `MaybeUninit` only, and the
+    // object is dropped (never exposed) if `init` fails.
+    unsafe {
+        let ptr = ffi::PyBytes_FromStringAndSize(std::ptr::null(), len as ffi::Py_ssize_t);
+        let obj = Bound::from_owned_ptr_or_err(py, ptr)?.cast_into_unchecked::<PyBytes>();
+        let buf = ffi::PyBytes_AsString(ptr) as *mut std::mem::MaybeUninit<u8>;
+        init(std::slice::from_raw_parts_mut(buf, len))?;
+        Ok(obj)
+    }
+}
+
 fn cell_error(f: Fail) -> PyErr {
     CellError::new_err((f.code, f.row))
 }
@@ -54,7 +73,7 @@ fn encrypt_cells<'py>(py: Python<'py>, deterministic: bool, key: &[u8], key_id: 
     }
     let obytes = offsets.as_bytes();
     let total = cells::read_off32(obytes, v.len);
-    let data = PyBytes::new_with(py, total, |out| {
+    let data = new_bytes(py, total, |out| {
         py.detach(|| cells::encrypt(deterministic, key, &key_id, aad, &v, obytes, out)).map_err(cell_error)
     })?;
     let (bits, nulls) = validity(py, &v);
@@ -97,7 +116,7 @@ fn decrypt_cells<'py>(
     let offsets = PyBytes::new_with(py, ow * (v.len + 1), |o| cells::decrypt_offsets(&v, wide, o).map(|_| ()).map_err(cell_error))?;
     let obytes = offsets.as_bytes();
     let mut fails = Vec::new();
-    let data = PyBytes::new_with(py, total, |out| {
+    let data = new_bytes(py, total, |out| {
         fails = py.detach(|| cells::decrypt(&keys, &v, obytes, wide, out)).map_err(cell_error)?;
         Ok(())
     })?;
@@ -114,7 +133,7 @@ fn hmac_sha256<'py>(py: Python<'py>, key: &[u8], prefix: &[u8], view: ViewArgs<'
     let cbuf = counter_buffer(counters.as_ref(), v.len)?;
     let cslice = cbuf.as_ref().map(|b| unsafe_bytes(b));
     let keyed = digest::Keyed::new(key, prefix);
-    PyBytes::new_with(py, 32 * v.len, |out| {
+    new_bytes(py, 32 * v.len, |out| {
         py.detach(|| digest::hmac_all(&keyed, &v, digest::Counters(cslice), out)).map_err(cell_error)
     })
 }
@@ -141,7 +160,7 @@ fn render_tokens<'py>(
     let offsets = PyBytes::new_with(py, 4 * (v.len + 1), |o| digest::token_offsets(&fmt, &v, o).map_err(cell_error))?;
     let obytes = offsets.as_bytes();
     let keyed = digest::Keyed::new(key, b"");
-    let data = PyBytes::new_with(py, cells::read_off32(obytes, v.len), |out| {
+    let data = new_bytes(py, cells::read_off32(obytes, v.len), |out| {
         py.detach(|| digest::render_all(&keyed, &fmt, &v, digest::Counters(cslice), obytes, out)).map_err(cell_error)
     })?;
     Ok((offsets, data))

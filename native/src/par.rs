@@ -6,6 +6,7 @@
 //! result is byte-for-byte the same whatever the thread count (nonces aside, which are random).
 
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
@@ -77,10 +78,20 @@ pub fn threads() -> usize {
     current().0
 }
 
-/// Run `f` over the cells `0..n`, giving each call a cell range and that range's slice of `out`.
-/// `start(i)` is where cell `i`'s output begins in `out` (`start(n)` is `out.len()`).
+/// Zero a freshly allocated output slice and view it as bytes. Done inside each chunk, so the first touch
+/// of a large output (page faults, zeroing) is spread over the threads instead of preceding them.
+fn zeroed(buf: &mut [MaybeUninit<u8>]) -> &mut [u8] {
+    // SAFETY: every byte is written (zero) before the slice is viewed as initialized `u8`.
+    unsafe {
+        std::ptr::write_bytes(buf.as_mut_ptr(), 0, buf.len());
+        &mut *(buf as *mut [MaybeUninit<u8>] as *mut [u8])
+    }
+}
+
+/// Run `f` over the cells `0..n`, giving each call a cell range and that range's slice of `out`
+/// (zeroed first). `start(i)` is where cell `i`'s output begins in `out` (`start(n)` is `out.len()`).
 /// Returns the failure with the lowest row, if any.
-pub fn run_chunks<F>(n: usize, value_bytes: usize, out: &mut [u8], start: &(dyn Fn(usize) -> usize + Sync), f: F) -> Result<(), Fail>
+pub fn run_chunks<F>(n: usize, value_bytes: usize, out: &mut [MaybeUninit<u8>], start: &(dyn Fn(usize) -> usize + Sync), f: F) -> Result<(), Fail>
 where
     F: Fn(Range<usize>, &mut [u8]) -> Result<(), Fail> + Sync,
 {
@@ -88,10 +99,10 @@ where
     let big = n >= PARALLEL_MIN_CELLS || (value_bytes >= PARALLEL_MIN_BYTES && n >= 2);
     let pool = match pool {
         Some(p) if big && threads > 1 => p,
-        _ => return f(0..n, out),
+        _ => return f(0..n, zeroed(out)),
     };
     let k = (threads * 4).min(n).max(1);
-    let mut parts: Vec<(Range<usize>, &mut [u8])> = Vec::with_capacity(k);
+    let mut parts: Vec<(Range<usize>, &mut [MaybeUninit<u8>])> = Vec::with_capacity(k);
     let mut rest = out;
     let mut consumed = 0usize;
     for c in 0..k {
@@ -105,7 +116,7 @@ where
     let errors: Vec<Fail> = pool.install(|| {
         parts
             .into_par_iter()
-            .filter_map(|(r, o)| f(r, o).err())
+            .filter_map(|(r, o)| f(r, zeroed(o)).err())
             .collect()
     });
     match errors.into_iter().min_by_key(|e| e.row) {
