@@ -141,6 +141,7 @@ pub fn scan(view: &View<'_>) -> Scan {
     let mut short_row = None;
     let mut bad = None;
     let mut seen: std::collections::HashMap<(u64, u8), usize> = std::collections::HashMap::new();
+    let mut last: Option<(u64, u8)> = None;
     for i in 0..view.len {
         if !view.is_valid(i) {
             continue;
@@ -157,7 +158,11 @@ pub fn scan(view: &View<'_>) -> Scan {
             bad.get_or_insert((i, false));
         }
         let kid = u64::from_le_bytes(c[1..1 + KEY_ID_LEN].try_into().unwrap());
-        seen.entry((kid, v)).or_insert(i);
+        // Columns almost always have one key: skip the map while the key does not change.
+        if last != Some((kid, v)) {
+            seen.entry((kid, v)).or_insert(i);
+            last = Some((kid, v));
+        }
     }
     let mut groups: Vec<(u64, u8, usize)> = seen.into_iter().map(|((k, v), r)| (k, v, r)).collect();
     groups.sort_unstable();
