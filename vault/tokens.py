@@ -9,7 +9,9 @@ Formats:
 - `digits`: as many digits as the normalized value has; optionally keeps the last `keep_last` digits; with
   `luhn` the whole token passes the Luhn check (for card numbers). A token never equals its own value.
 
-Nothing here stores, logs or raises with a value in the message.
+Tokens are computed by the native kernel (`cloakbeam.keys.native.render_tokens`: HMAC and rendering in one
+pass over an Arrow array); `Tokenizer.reference_tokens` is the Python definition the tests hold it to, and
+serves the inputs the kernel leaves to it. Nothing here stores, logs or raises with a value in the message.
 """
 
 from __future__ import annotations
