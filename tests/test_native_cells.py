@@ -452,3 +452,32 @@ def test_batch_allocates_only_its_output(size):
     assert enc_peak <= 3 * input_bytes
     assert dec_peak - base <= dec.nbytes + (1 << 20)
     assert dec.equals(arr)
+
+
+def _child_digest(q) -> None:
+    q.put(native.hmac_sha256(b"k", pa.array([f"v{i}" for i in range(4 * native.PARALLEL_MIN_CELLS)])).tobytes()[:32])
+
+
+def test_forked_worker_gets_its_own_thread_pool():
+    """A fork inherits the pool object but not its threads: the child must not wait on them forever."""
+    import multiprocessing as mp
+
+    with threads(2):
+        native.hmac_sha256(b"k", pa.array([f"v{i}" for i in range(4 * native.PARALLEL_MIN_CELLS)]))  # pool running
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=_child_digest, args=(q,))
+        p.start()
+        p.join(60)
+        alive = p.is_alive()
+        if alive:
+            p.kill()
+        assert not alive and p.exitcode == 0
+        assert q.get(timeout=5) == hmac_first()
+
+
+def hmac_first() -> bytes:
+    import hashlib
+    import hmac
+
+    return hmac.new(b"k", b"v0", hashlib.sha256).digest()

@@ -25,6 +25,9 @@ pub struct Fail {
 struct Pool {
     threads: usize,
     pool: Option<Arc<rayon::ThreadPool>>,
+    /// The process that started the pool's threads: a forked child (multiprocessing, Beam and Dask
+    /// workers) inherits the pool object but not its threads, and must build its own.
+    pid: u32,
 }
 
 static POOL: Mutex<Option<Pool>> = Mutex::new(None);
@@ -51,14 +54,18 @@ fn build(threads: usize) -> Pool {
     } else {
         None
     };
-    Pool { threads: if pool.is_some() { threads } else { 1 }, pool }
+    Pool { threads: if pool.is_some() { threads } else { 1 }, pool, pid: std::process::id() }
 }
 
 /// Set the number of kernel threads (0: the default, `CLOAKBEAM_NATIVE_THREADS` or the CPU count).
 pub fn set_threads(n: usize) -> usize {
     let n = if n == 0 { default_threads() } else { n };
     let mut g = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    if g.as_ref().map(|p| p.threads) != Some(n) {
+    if g.as_ref().map(|p| (p.threads, p.pid)) != Some((n, std::process::id())) {
+        let old = g.take();
+        if old.as_ref().is_some_and(|p| p.pid != std::process::id()) {
+            std::mem::forget(old); // inherited across fork: its threads are not ours to stop
+        }
         *g = Some(build(n));
     }
     g.as_ref().map(|p| p.threads).unwrap_or(1)
@@ -66,8 +73,16 @@ pub fn set_threads(n: usize) -> usize {
 
 fn current() -> (usize, Option<Arc<rayon::ThreadPool>>) {
     let mut g = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    if g.is_none() {
-        *g = Some(build(default_threads()));
+    let pid = std::process::id();
+    match g.as_ref() {
+        None => *g = Some(build(default_threads())),
+        Some(p) if p.pid != pid => {
+            let threads = p.threads;
+            // The inherited pool's threads do not exist here: forget it (never join it) and start anew.
+            std::mem::forget(g.take());
+            *g = Some(build(threads));
+        }
+        Some(_) => {}
     }
     let p = g.as_ref().unwrap();
     (p.threads, p.pool.clone())
