@@ -283,7 +283,7 @@ pub fn decrypt(groups: &[GroupKey], view: &View<'_>, offsets: &[u8], wide: bool,
                     cipher.open_in_place_separate_tag(nonce, Aad::from(groups[g].aad[0].as_slice()), tag, dst, 0..).is_ok()
                 }
                 Opened::Siv(key) => {
-                    let siv = sivs[g].get_or_insert_with(|| Aes256Siv::new({ let k: &[u8; 64] = &key; k.into() }));
+                    let siv = sivs[g].get_or_insert_with(|| Aes256Siv::new({ let k: &[u8; 64] = key; k.into() }));
                     let tag = c[1 + KEY_ID_LEN..SIV_HEADER].try_into().map_err(|_| Fail { code: "internal", row: i })?;
                     let ct = &c[SIV_HEADER..];
                     let dst = &mut out[s..s + ct.len()];

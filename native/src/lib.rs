@@ -83,6 +83,7 @@ fn encrypt_cells<'py>(py: Python<'py>, deterministic: bool, key: &[u8], key_id: 
 /// Check the structure of a column of cells: (first short row, (first bad row, unknown version?),
 /// [(version, key id, first row)] in the order the reference kernel visits them).
 #[pyfunction]
+#[allow(clippy::type_complexity)]
 fn scan_cells<'py>(py: Python<'py>, view: ViewArgs<'py>) -> PyResult<(Option<usize>, Option<(usize, bool)>, Vec<(u8, Bound<'py, PyBytes>, usize)>)> {
     let held = Held::get(&view)?;
     let v = View::new(&view, &held)?;
@@ -131,7 +132,7 @@ fn hmac_sha256<'py>(py: Python<'py>, key: &[u8], prefix: &[u8], view: ViewArgs<'
     let held = Held::get(&view)?;
     let v = View::new(&view, &held)?;
     let cbuf = counter_buffer(counters.as_ref(), v.len)?;
-    let cslice = cbuf.as_ref().map(|b| unsafe_bytes(b));
+    let cslice = cbuf.as_ref().map(buffer_bytes);
     let keyed = digest::Keyed::new(key, prefix);
     new_bytes(py, 32 * v.len, |out| {
         py.detach(|| digest::hmac_all(&keyed, &v, digest::Counters(cslice), out)).map_err(cell_error)
@@ -155,7 +156,7 @@ fn render_tokens<'py>(
     let held = Held::get(&view)?;
     let v = View::new(&view, &held)?;
     let cbuf = counter_buffer(counters.as_ref(), v.len)?;
-    let cslice = cbuf.as_ref().map(|b| unsafe_bytes(b));
+    let cslice = cbuf.as_ref().map(buffer_bytes);
     let fmt = digest::Format { digits, prefix, keep_last, luhn };
     let offsets = PyBytes::new_with(py, 4 * (v.len + 1), |o| digest::token_offsets(&fmt, &v, o).map_err(cell_error))?;
     let obytes = offsets.as_bytes();
@@ -178,7 +179,7 @@ fn counter_buffer(obj: Option<&Bound<'_, PyAny>>, n: usize) -> PyResult<Option<p
     Ok(Some(b))
 }
 
-fn unsafe_bytes(b: &pyo3::buffer::PyUntypedBuffer) -> &[u8] {
+fn buffer_bytes(b: &pyo3::buffer::PyUntypedBuffer) -> &[u8] {
     if b.len_bytes() == 0 {
         return &[];
     }

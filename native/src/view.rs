@@ -103,7 +103,7 @@ impl<'a> View<'a> {
         }
         match layout {
             Layout::Fixed(w) => {
-                if end.checked_mul(w).map_or(true, |b| b > data.len()) {
+                if end.checked_mul(w).is_none_or(|b| b > data.len()) {
                     return Err(PyValueError::new_err("data buffer too short"));
                 }
             }
