@@ -32,7 +32,7 @@ class ProgressReporter:
 class ProgressListener:
     """Launcher side: counts datagrams and redraws one status line on stderr while the pipeline runs."""
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool | str = True) -> None:
         self.counts: Counter[str] = Counter()
         self.tty = sys.stderr.isatty()
         self.enabled = bool(enabled) and self.tty or enabled == "always"

@@ -13,14 +13,15 @@ so a cell copied to another column or dataset, or relabelled with another key id
 Null cells stay null and carry no bytes. The plaintext of a string/binary cell is its bytes; of a fixed-width
 value (integers, floats, dates, timestamps, booleans as one byte) its little-endian Arrow representation.
 
-The kernel (`encrypt_column` / `decrypt_column`) is the only place that loops over cells. It builds the
-output from buffers: offsets by numpy cumsum, headers and nonces written by numpy scatter, one `os.urandom`
-draw for all nonces of the call, and one `encrypt_into` per cell writing straight into the output buffer
-(the per-cell AEAD call is the irreducible cost in Python; a native kernel can replace the four loops of
-`PYTHON_KERNEL` through `use_kernel(Kernel(...))` without changing any caller). `encrypt_column_keyed` /
-`decrypt_column_keyed` are the multi-key variants (one key per cell, e.g. per data subject), same cell format,
-their per-cell loops also behind the `Kernel` (`gcm_encrypt_keyed`, `gcm_decrypt_keyed`). Nothing here logs,
-and errors name column and row, never content.
+`encrypt_column` / `decrypt_column` are the only entry points that touch cells. By default they run the
+native kernel (`NATIVE_KERNEL`, Rust in `native/` through `cloakbeam.keys.native`): the whole column in
+one call over its Arrow buffers, the GIL released, nonces drawn inside the kernel from the OS CSPRNG.
+`PYTHON_KERNEL` is the reference: offsets by numpy cumsum, headers and nonces by numpy scatter, one
+`os.urandom` draw per call, one `cryptography` `encrypt_into` per cell. Tests hold the two to the same
+bytes; `use_kernel` switches between them (and keys built without raw material use the reference loops).
+`encrypt_column_keyed` / `decrypt_column_keyed` are the multi-key variants (one key per cell, e.g. per data
+subject), same cell format, their per-cell loops behind the `Kernel` too (`gcm_encrypt_keyed`,
+`gcm_decrypt_keyed`). Nothing here logs, and errors name column and row, never content.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import pyarrow.compute as pc
 from cryptography.exceptions import InvalidTag
 
 from cloakbeam.errors import IntegrityError, KeyAccessError
+from cloakbeam.keys import native
 
 CELL_GCM = 0x01
 CELL_SIV = 0x02
@@ -129,6 +131,13 @@ def encrypt_column(arr: pa.Array | pa.ChunkedArray, key, *, dataset: str, column
         arr = arr.combine_chunks()
     if pa.types.is_dictionary(arr.type):
         arr = arr.dictionary_decode()
+    material = native.raw_key(key) if _KERNEL.whole_column else None
+    if material is not None:
+        if not is_supported_type(arr.type):
+            raise TypeError(f"cannot encrypt a column of type {arr.type}")
+        version = CELL_SIV if key.deterministic else CELL_GCM
+        aad = cell_aad(version, key.key_id, dataset, column)
+        return native.encrypt_cells(arr, material, key.key_id, bool(key.deterministic), aad, column)
     n = len(arr)
     start, end, data, valid = _plain_view(arr)
     lengths = np.where(valid, end - start, 0)
@@ -165,7 +174,7 @@ def encrypt_column(arr: pa.Array | pa.ChunkedArray, key, *, dataset: str, column
 
 def _gcm_encrypt_loop(aead, aad: bytes, data: memoryview, start: np.ndarray, end: np.ndarray, out: np.ndarray, cell_start: np.ndarray) -> None:
     # Per-cell AEAD call writing into the output buffer: the one loop a native kernel would replace.
-    o = memoryview(out)
+    o = out.data  # a writable memoryview over the output buffer
     enc = aead.encrypt_into
     for s, ps, pe in zip(cell_start.tolist(), start.tolist(), end.tolist()):
         c = s + GCM_HEADER
@@ -173,7 +182,7 @@ def _gcm_encrypt_loop(aead, aad: bytes, data: memoryview, start: np.ndarray, end
 
 
 def _siv_encrypt_loop(aead, aad: bytes, data: memoryview, start: np.ndarray, end: np.ndarray, out: np.ndarray, cell_start: np.ndarray) -> None:
-    o = memoryview(out)
+    o = out.data  # a writable memoryview over the output buffer
     enc = aead.encrypt_into
     ad = [aad]
     for s, ps, pe in zip(cell_start.tolist(), start.tolist(), end.tolist()):
@@ -183,7 +192,7 @@ def _siv_encrypt_loop(aead, aad: bytes, data: memoryview, start: np.ndarray, end
 
 def _gcm_decrypt_loop(aead, aad: bytes, data: memoryview, start: np.ndarray, end: np.ndarray, out: np.ndarray, plain_start: np.ndarray, rows: np.ndarray) -> int | None:
     """Decrypt GCM cells into `out`; return the row index of the first cell failing authentication."""
-    o = memoryview(out)
+    o = out.data  # a writable memoryview over the output buffer
     dec = aead.decrypt_into
     for s, e, p, r in zip(start.tolist(), end.tolist(), plain_start.tolist(), rows.tolist()):
         c = s + GCM_HEADER
@@ -195,7 +204,7 @@ def _gcm_decrypt_loop(aead, aad: bytes, data: memoryview, start: np.ndarray, end
 
 
 def _siv_decrypt_loop(aead, aad: bytes, data: memoryview, start: np.ndarray, end: np.ndarray, out: np.ndarray, plain_start: np.ndarray, rows: np.ndarray) -> int | None:
-    o = memoryview(out)
+    o = out.data  # a writable memoryview over the output buffer
     dec = aead.decrypt_into
     ad = [aad]
     for s, e, p, r in zip(start.tolist(), end.tolist(), plain_start.tolist(), rows.tolist()):
@@ -209,7 +218,7 @@ def _siv_decrypt_loop(aead, aad: bytes, data: memoryview, start: np.ndarray, end
 
 def _gcm_encrypt_keyed_loop(aeads: list, aads: list, data: memoryview, start: np.ndarray, end: np.ndarray, out: np.ndarray, cell_start: np.ndarray, key_index: np.ndarray) -> None:
     """Like `_gcm_encrypt_loop`, with the AEAD object and associated data of each cell chosen by `key_index`."""
-    o = memoryview(out)
+    o = out.data  # a writable memoryview over the output buffer
     encs = [a.encrypt_into for a in aeads]
     for s, ps, pe, k in zip(cell_start.tolist(), start.tolist(), end.tolist(), key_index.tolist()):
         c = s + GCM_HEADER
@@ -218,7 +227,7 @@ def _gcm_encrypt_keyed_loop(aeads: list, aads: list, data: memoryview, start: np
 
 def _gcm_decrypt_keyed_loop(aeads: list, aads: list, data: memoryview, start: np.ndarray, end: np.ndarray, out: np.ndarray, plain_start: np.ndarray, rows: np.ndarray, key_index: np.ndarray) -> int | None:
     """Decrypt GCM cells whose key is chosen per cell; return the row of the first cell failing authentication."""
-    o = memoryview(out)
+    o = out.data  # a writable memoryview over the output buffer
     decs = [a.decrypt_into for a in aeads]
     for s, e, p, r, k in zip(start.tolist(), end.tolist(), plain_start.tolist(), rows.tolist(), key_index.tolist()):
         c = s + GCM_HEADER
@@ -246,10 +255,13 @@ class Kernel:
     siv_decrypt: Callable[..., int | None]
     gcm_encrypt_keyed: Callable[..., None] = _gcm_encrypt_keyed_loop
     gcm_decrypt_keyed: Callable[..., int | None] = _gcm_decrypt_keyed_loop
+    #: True: whole columns go to the native kernel (the loops serve keys without raw material).
+    whole_column: bool = False
 
 
 PYTHON_KERNEL = Kernel("python", _gcm_encrypt_loop, _siv_encrypt_loop, _gcm_decrypt_loop, _siv_decrypt_loop)
-_KERNEL = PYTHON_KERNEL
+NATIVE_KERNEL = Kernel("native", _gcm_encrypt_loop, _siv_encrypt_loop, _gcm_decrypt_loop, _siv_decrypt_loop, whole_column=True)
+_KERNEL = NATIVE_KERNEL
 
 
 def use_kernel(kernel: Kernel) -> Kernel:
@@ -408,7 +420,11 @@ def decrypt_column(
         arr = arr.combine_chunks()
     if not (pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type)):
         raise IntegrityError(f"column '{column}' is not an encrypted column (type {arr.type})")
-    lookup = keys if callable(keys) else (lambda kid: keys.get(kid))  # type: ignore[union-attr]
+    lookup: Callable[[bytes], Any] = keys if callable(keys) else keys.get
+    if _KERNEL.whole_column:
+        result = _decrypt_native(arr, lookup, dataset, column, value_type, row_offset)
+        if result is not None:
+            return result
     n = len(arr)
     start, end, data, valid = _plain_view(arr)
     idx = np.flatnonzero(valid)
@@ -463,6 +479,55 @@ def decrypt_column(
                     "another column or dataset, or encrypted under a different key)"
                 )
     return _rebuild(out, plain_offsets, valid, value_type, column, row_offset)
+
+
+_AUTH_FAILED = (
+    "cell failed authentication (tampered, moved from another column or dataset, or encrypted under a different key)"
+)
+
+
+def _decrypt_native(arr: pa.Array, lookup: Callable[[bytes], Any], dataset: str, column: str, value_type: pa.DataType, row_offset: int) -> pa.Array | None:
+    """`decrypt_column` on the native kernel, with the reference kernel's checks in the same order and the
+    same messages. Returns None when a key has no raw material (the caller then runs the reference)."""
+    short, bad, groups = native.scan_cells(arr)
+    if short is not None:
+        raise IntegrityError(f"column '{column}', row {short + row_offset}: cell is truncated")
+    if bad is not None:
+        row, unknown = bad
+        what = "has an unknown cell format version" if unknown else "is truncated"
+        raise IntegrityError(f"column '{column}', row {row + row_offset}: cell {what}")
+    usable: list[tuple[int, bytes, bytes, bytes]] = []
+    problem: Exception | None = None
+    for v, kid, row in groups:
+        key = lookup(kid)
+        if key is None:
+            problem = KeyAccessError(f"column '{column}', row {row + row_offset}: no data key with id {kid.hex()} is recorded for this output")
+            break
+        if bool(key.deterministic) != (v == CELL_SIV):
+            problem = IntegrityError(f"column '{column}', row {row + row_offset}: cell mode does not match its key")
+            break
+        material = native.raw_key(key)
+        if material is None:
+            return None
+        usable.append((v, kid, material, cell_aad(v, kid, dataset, column)))
+    var = pa.types.is_string(value_type) or pa.types.is_binary(value_type)
+    validity, offsets, data, nulls, wide, fails = native.decrypt_cells(arr, usable, wide=not var)
+    for failed in fails:  # groups in the reference kernel's order: its first failure is reported
+        if failed is not None:
+            raise IntegrityError(f"column '{column}', row {failed + row_offset}: {_AUTH_FAILED}")
+    if problem is not None:
+        raise problem
+    n = len(arr)
+    t = value_type
+    if var or pa.types.is_large_string(t) or pa.types.is_large_binary(t):
+        if wide and var:
+            t = pa.large_string() if pa.types.is_string(t) else pa.large_binary()
+        result = pa.Array.from_buffers(t, n, [validity, pa.py_buffer(offsets), data], null_count=nulls)
+        if pa.types.is_string(t) or pa.types.is_large_string(t):
+            _validate_utf8(result, column)
+        return result
+    valid = np.ones(n, dtype=bool) if nulls == 0 else arr.is_valid().to_numpy(zero_copy_only=False)
+    return _rebuild(np.frombuffer(data, dtype=np.uint8), offsets, valid, value_type, column, row_offset)
 
 
 def _validate_utf8(result: pa.Array, column: str) -> None:

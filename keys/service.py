@@ -62,15 +62,25 @@ DEK_MAX_USES_CEILING = 2**30
 
 
 class DataKey:
-    """One data key: its id, mode and AEAD object. Never pickled, never printed."""
+    """One data key: its id, mode and AEAD object. Never pickled, never printed.
 
-    __slots__ = ("key_id", "deterministic", "aead", "record")
+    `material` (the raw 32-byte GCM or 64-byte SIV key) is kept only for the native cell kernel, which
+    needs the key itself rather than a `cryptography` object; it is reachable through
+    `_native_material()` alone, and is in no repr, pickle or record.
+    """
 
-    def __init__(self, key_id: bytes, deterministic: bool, aead: Any, record: dict[str, Any]) -> None:
+    __slots__ = ("key_id", "deterministic", "aead", "record", "_material")
+
+    def __init__(self, key_id: bytes, deterministic: bool, aead: Any, record: dict[str, Any], material: bytes | None = None) -> None:
         self.key_id = key_id
         self.deterministic = deterministic
         self.aead = aead
         self.record = record
+        self._material = material
+
+    def _native_material(self) -> bytes | None:
+        """The raw key for `cloakbeam.keys.native` (None when this key was built without it)."""
+        return self._material
 
     def __reduce__(self):  # noqa: D105
         raise TypeError("a DataKey holds key material and cannot be pickled")
@@ -225,14 +235,14 @@ class KeyService:
                 self._state.kms_calls += 1
             version, wrapped = self._provider.wrap(kek, material, _dek_aad(record))
             record.update({"kek_version": version, "wrapped": _kr.b64e(wrapped), "created": _kr.now_iso()})
-            return DataKey(key_id, True, _aead_for(ALG_SIV, material), record)
+            return DataKey(key_id, True, _aead_for(ALG_SIV, material), record, material)
         # Random mode: wrapped under the process's sealed batch key for reveal key `kek` (keys/sealing.py).
         material = os.urandom(32)
         key_id = os.urandom(8)
         batch = self.seal_batch(kek)
         record = {"key_id": key_id.hex(), "alg": ALG_GCM, "dataset": dataset, "column": column, "provider": "sealed", "seal": dict(batch.record)}
         record.update({"wrapped": _kr.b64e(batch.wrap(material, _dek_aad(record))), "created": _kr.now_iso()})
-        return DataKey(key_id, False, _aead_for(ALG_GCM, material), record)
+        return DataKey(key_id, False, _aead_for(ALG_GCM, material), record, material)
 
     # -- sealing (keys/sealing.py) --------------------------------------------------------------------
     def reveal_public_key(self, name: str = "default") -> tuple[int, bytes]:
@@ -307,7 +317,7 @@ class KeyService:
             except Exception:
                 raise KeyAccessError(f"wrapped key record {kid or '?'} is malformed") from None
             material = self._reveal.unwrap(record["seal"], wrapped, _dek_aad(record))
-            key = DataKey(key_id, alg == ALG_SIV, _aead_for(alg, material), dict(record))
+            key = DataKey(key_id, alg == ALG_SIV, _aead_for(alg, material), dict(record), material)
             with self._state.lock:
                 self._state.unwrapped[kid] = key
             return key
@@ -322,7 +332,7 @@ class KeyService:
         with self._state.lock:
             self._state.kms_calls += 1
         material = self._provider.unwrap(record["kek"], str(record["kek_version"]), wrapped, _dek_aad(record))
-        key = DataKey(key_id, alg == ALG_SIV, _aead_for(alg, material), dict(record))
+        key = DataKey(key_id, alg == ALG_SIV, _aead_for(alg, material), dict(record), material)
         with self._state.lock:
             self._state.unwrapped[kid] = key
         return key

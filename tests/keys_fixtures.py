@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from cloakbeam.keys.service import KeyRef, KeyService, init_keyring, open_key_service
 
@@ -286,3 +287,46 @@ def reveal_quarantine(out_dir: Path, ks: KeyService, dataset: str) -> list[bytes
     for f in sorted((Path(out_dir) / "quarantine").rglob("*.jsonl")):
         out.extend(base64.b64decode(e["record_base64"]) for e in open_quarantine_lines(f.read_bytes().splitlines(), ks, dataset))
     return out
+
+
+# -- shared by the cell and encrypt-action tests ------------------------------------------------------------
+
+def nist_gcm_vectors(name: str) -> list[dict[str, str]]:
+    """The AES-256-GCM NIST CAVP vectors (96-bit IV, 128-bit tag) of one `cryptography-vectors` file."""
+    import cryptography_vectors
+
+    path = Path(cryptography_vectors.__file__).parent / "ciphers" / "AES" / "GCM" / name
+    vectors, cur, keylen, ivlen, taglen = [], None, None, None, None
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("[Keylen"):
+            keylen = int(line.split("=")[1].strip(" ]"))
+        elif line.startswith("[IVlen"):
+            ivlen = int(line.split("=")[1].strip(" ]"))
+        elif line.startswith("[Taglen"):
+            taglen = int(line.split("=")[1].strip(" ]"))
+        elif line.startswith("Count"):
+            cur = {"keylen": keylen, "ivlen": ivlen, "taglen": taglen}
+            vectors.append(cur)
+        elif cur is not None and "=" in line:
+            k, v = (x.strip() for x in line.split("=", 1))
+            cur[k] = v
+        elif cur is not None and line == "FAIL":
+            cur["FAIL"] = "1"
+    # The cell format uses 256-bit keys, 96-bit nonces and 128-bit tags: exactly those vectors.
+    return [v for v in vectors if v["keylen"] == 256 and v["ivlen"] == 96 and v["taglen"] == 128]
+
+
+def encrypt_policy(schema: Any, **fields: Any) -> Any:
+    """A compiled policy keeping `gender` plus the given field actions (for encrypt tests)."""
+    from cloakbeam.transforms.policy import compile_policy
+
+    spec = {"gender": "keep", **fields}
+    return compile_policy({"version": 1, "dataset": "customers", "fields": spec}, schema)
+
+
+def encrypt_batch(schema: Any, n: int = 5) -> Any:
+    """`n` reference records as one RecordBatch."""
+    from cloakbeam.schemas.generate import _pools, generate_table
+
+    return generate_table(n, seed=3, start=0, pools=_pools(3)).to_batches()[0]

@@ -112,7 +112,7 @@ class Mask(Action):
             raise self.fail("method 'phone' keeps at most 4 digits; lower 'keep_last'")
 
     @property
-    def requires(self) -> frozenset[str]:
+    def requires(self) -> frozenset[str]:  # type: ignore[override]  # per instance, from the parameters
         return frozenset({"keys"}) if self.options["method"] == "date_shift" else frozenset()
 
     def linked_fields(self) -> list[str]:

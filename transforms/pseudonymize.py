@@ -5,7 +5,8 @@ How a surrogate is chosen, without a Faker call per row:
    (`_pool`): first names, last names, street addresses, phone-number prefixes, ... The seed is public; the
    pools are the same on every worker with the same Faker version and locale.
 2. Per batch, every *distinct* normalized input value gets HMAC-SHA256 under
-   `ctx.keys.prf_key("pseudonymize/<domain>")` (C one-shot, once per distinct value: `keyed.keyed_digests`).
+   `ctx.keys.prf_key("pseudonymize/<domain>")` (one native kernel call over the distinct values:
+   `keyed.keyed_digests`).
 3. Independent 32-bit words of the digest index the pools; the parts are joined with Arrow kernels.
 
 So the same value in the same domain gives the same surrogate on every worker, run and retry with the same

@@ -74,7 +74,7 @@ class Scrub(Action):
         self._engine: Any = None
 
     @property
-    def requires(self) -> frozenset[str]:
+    def requires(self) -> frozenset[str]:  # type: ignore[override]  # per instance, from the parameters
         return frozenset({"keys"}) if self.options["mode"] == "pseudonym" else frozenset()
 
     def linked_fields(self) -> list[str]:
@@ -110,6 +110,8 @@ class Scrub(Action):
         from presidio_anonymizer.entities import OperatorConfig, RecognizerResult
 
         strings = as_strings(column)
+        if strings is None:  # configure() accepts string fields only
+            raise TypeError(f"field '{self.field.path}': scrub needs a string column")
         n = len(strings)
         texts = strings.to_pylist()
         dets = tuple(self.options["detectors"])

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 from cloakbeam.errors import ConfigError
 from cloakbeam.transforms.registry import Action, ActionContext, Param, register
 from cloakbeam.vault.store import Domain
-from cloakbeam.vault.tokens import NORMALIZERS, TokenFormat, normalize
+from cloakbeam.vault.tokens import NORMALIZERS, TokenFormat, normalize_array
 
 
 def _domain_name(v: Any) -> str | None:
@@ -125,24 +125,24 @@ class Tokenize(Action):
             column = self._salted(column, columns, ctx)
         enc = pc.dictionary_encode(column)
         indices = enc.indices
-        norm = normalize(enc.dictionary, self.domain.normalize)
+        norm = normalize_array(enc.dictionary, self.domain.normalize)
         fmt = self.domain.fmt
-        # Distinct normalized values (two raw spellings may normalize to one value).
-        slot: dict[str, int] = {}
+        # Distinct normalized values (two raw spellings may normalize to one value), in order of first
+        # appearance, with Arrow kernels: no Python object per dictionary entry.
+        ok = np.flatnonzero(fmt.valid_mask(norm))
+        accepted = pc.dictionary_encode(norm.take(pa.array(ok, pa.int64())))
         dict_to_slot = np.full(len(norm), -1, dtype=np.int64)
-        for i, v in enumerate(norm):
-            if fmt.valid_input(v):
-                dict_to_slot[i] = slot.setdefault(v, len(slot))
+        dict_to_slot[ok] = accepted.indices.to_numpy(zero_copy_only=False)
         invalid = dict_to_slot < 0
         if invalid.any():
             # Values the format cannot tokenize (too few digits) leave the output and go to the quarantine.
             row_invalid = pc.fill_null(pc.take(pa.array(invalid), indices), False).to_numpy(zero_copy_only=False)
             ctx.reject_rows(row_invalid, "invalid_value", path)
             ctx.count(f"tokenize.{path}.invalid", int(row_invalid.sum()))
-        distinct = list(slot)
+        distinct = accepted.dictionary.to_pylist()  # the vault's API (cache, rows) is per value
         subjects = self._subjects(indices, dict_to_slot, len(distinct), columns) if self.options["subject"] else None
-        tokens = ctx.vault.tokenize(self.domain, distinct, subjects)
-        dict_tokens = pa.array([tokens[s] if s >= 0 else None for s in dict_to_slot], type=pa.string())
+        tokens = pa.array(ctx.vault.tokenize(self.domain, distinct, subjects), pa.string())
+        dict_tokens = tokens.take(pa.array(dict_to_slot, mask=invalid))
         ctx.count(f"tokenize.{path}.values", len(column) - column.null_count)
         ctx.count(f"tokenize.{path}.distinct", len(distinct))
         return pc.take(dict_tokens, indices)
@@ -152,7 +152,7 @@ class Tokenize(Action):
         from cloakbeam.vault.store import SALT_SEPARATOR
 
         enc = pc.dictionary_encode(column)
-        norm = pc.take(pa.array(normalize(enc.dictionary, self.domain.normalize), pa.string()), enc.indices)
+        norm = pc.take(normalize_array(enc.dictionary, self.domain.normalize), enc.indices)
         subj = self._subject_column(columns)
         senc = pc.dictionary_encode(pc.utf8_trim_whitespace(subj))
         names = senc.dictionary.to_pylist()

@@ -29,8 +29,6 @@ entry's own key id is its blind index); DEKs are wrapped under `seal_batch("defa
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
 import random
@@ -48,6 +46,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from cloakbeam.errors import CloakbeamError, ConfigError, IntegrityError, KeyAccessError
+from cloakbeam.keys import native
 from cloakbeam.vault.tokens import TokenFormat, Tokenizer, normalize
 
 MAX_COUNTER = 10_000
@@ -615,17 +614,16 @@ class Vault:
         return t
 
     def blind_index(self, domain: str, values: Sequence[str]) -> list[bytes]:
-        """Keyed HMAC of normalized values: lets the vault find a value's row without storing the value."""
-        base = hmac.new(self._key(f"vault/{domain}/index"), digestmod=hashlib.sha256)
-        out = []
-        for v in values:
-            m = base.copy()
-            m.update(v.encode())
-            out.append(m.digest())
-        return out
+        """Keyed HMAC of normalized values: lets the vault find a value's row without storing the value.
+        One native keyed-digest call for all values (`cloakbeam.keys.native.hmac_list`)."""
+        return native.hmac_list(self._key(f"vault/{domain}/index"), values)
+
+    def _subject_key_ids(self, subjects: Sequence[str]) -> list[bytes]:
+        """Subject key ids (keyed HMAC of the subject id) of many subjects in one native call."""
+        return native.hmac_list(self._key("vault/subject"), subjects)
 
     def _subject_key_id(self, subject: str) -> bytes:
-        return hmac.new(self._key("vault/subject"), subject.encode(), hashlib.sha256).digest()
+        return self._subject_key_ids([subject])[0]
 
     def subject_ref(self, subject: str) -> str:
         """Keyed hash naming a subject in audit entries (the subject's key id, hex); never the id itself."""
@@ -750,11 +748,14 @@ class Vault:
         now = int(time.time())
         expires = now + domain.ttl_seconds if domain.ttl_seconds else None
         # Data keys: one per subject and pipeline batch (id = subject key id || seal id) or one per entry (id =
-        # blind index); random, wrapped under the process's sealed batch key, idempotent insert.
+        # blind index); random, wrapped under the process's sealed batch key, idempotent insert. Subject key ids
+        # come from the native keyed-digest kernel, once per distinct subject.
         batch = self._batch()
         self._store_seal(batch)
+        named = sorted({s for i in new if (s := subj[i])}) if subj is not None else []
+        skid = dict(zip(named, self._subject_key_ids(named)))
         kids = [
-            self._subject_key_id(s) + batch.seal_id if (s := (subj[i] if subj is not None else None)) else self._entry_key_id(name, bidx[i])
+            skid[s] + batch.seal_id if (s := (subj[i] if subj is not None else None)) else self._entry_key_id(name, bidx[i])
             for i in new
         ]
         uniq = sorted(set(kids))
@@ -931,7 +932,7 @@ class Vault:
             if len(self._column_keys) > 200_000:
                 self._column_keys.clear()
             for c, k, m in zip(cell_ids, missing, materials):
-                self._column_keys[(batch.seal_id, k)] = DataKey(c, False, AESGCM(m), {"key_id": c.hex(), "alg": ALG_GCM, "subject_keyed": True})
+                self._column_keys[(batch.seal_id, k)] = DataKey(c, False, AESGCM(m), {"key_id": c.hex(), "alg": ALG_GCM, "subject_keyed": True}, m)
             out = [self._column_keys[(batch.seal_id, k)] for k in kids]
         return out
 
@@ -951,7 +952,7 @@ class Vault:
         for cid, (subj, sid, wrapped) in rows.items():
             seal = self._seal_record(sid)
             material = self._reveal_keys("a subject column key", seal).unwrap(seal, wrapped, _COLUMN_KEY_AAD + cid + subj)
-            out[cid] = DataKey(cid, False, AESGCM(material), {"key_id": cid.hex(), "alg": ALG_GCM, "subject_keyed": True})
+            out[cid] = DataKey(cid, False, AESGCM(material), {"key_id": cid.hex(), "alg": ALG_GCM, "subject_keyed": True}, material)
         return out
 
     def forgotten_column_keys(self, cell_key_ids: Sequence[bytes]) -> set[bytes]:

@@ -88,3 +88,6 @@ def test_wheel_installs_only_the_cloakbeam_namespace(tmp_path):
     assert {t for t in tops if not t.endswith(".dist-info")} == {"cloakbeam"}
     names = zipfile.ZipFile(wheel).namelist()
     assert "cloakbeam/schemas/customers.avsc" in names and "cloakbeam/keys/__init__.py" in names
+    # The native core is compiled into the wheel, with its stub.
+    assert any(n.startswith("cloakbeam/_native.") and n.endswith((".so", ".pyd")) for n in names)
+    assert "cloakbeam/_native.pyi" in names

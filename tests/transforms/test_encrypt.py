@@ -12,21 +12,9 @@ from cloakbeam.errors import PolicyError
 from cloakbeam.keys import keyring as kr
 from cloakbeam.keys.cells import decrypt_column
 from cloakbeam.keys.service import open_key_service
-from cloakbeam.tests.keys_fixtures import all_key_bytes, dev_keyring, with_reveal
-from cloakbeam.transforms.policy import compile_policy
+from cloakbeam.tests.keys_fixtures import all_key_bytes, dev_keyring, encrypt_batch, encrypt_policy, with_reveal
 from cloakbeam.transforms.protect import protect_batch
 from cloakbeam.transforms.registry import ActionContext, get_action
-
-
-def _policy(schema, **fields):
-    spec = {"gender": "keep", **fields}
-    return compile_policy({"version": 1, "dataset": "customers", "fields": spec}, schema)
-
-
-def _batch(schema, n=5):
-    from cloakbeam.schemas.generate import _pools, generate_table
-
-    return generate_table(n, seed=3, start=0, pools=_pools(3)).to_batches()[0]
 
 
 @pytest.fixture()
@@ -37,7 +25,7 @@ def runtime(tmp_path):
 def test_encrypt_registered_and_requires_keys(customers_schema):
     cls = get_action("encrypt")
     assert cls.requires == frozenset({"keys"})
-    pol = _policy(customers_schema, ssn="encrypt")
+    pol = encrypt_policy(customers_schema, ssn="encrypt")
     assert pol.requires() == {"keys"}
     f = pol.output_schema().field("ssn")
     assert f.type == pa.binary()
@@ -54,12 +42,12 @@ def test_encrypt_registered_and_requires_keys(customers_schema):
 )
 def test_bad_parameters_fail_at_compile(customers_schema, spec, msg):
     with pytest.raises(PolicyError, match=msg):
-        _policy(customers_schema, ssn=spec)
+        encrypt_policy(customers_schema, ssn=spec)
 
 
 def test_protect_batch_encrypts_and_round_trips(customers_schema, runtime):
-    pol = _policy(customers_schema, ssn="encrypt", email={"action": "encrypt", "deterministic": True}, income="encrypt", date_of_birth="encrypt")
-    batch = _batch(customers_schema, 50)
+    pol = encrypt_policy(customers_schema, ssn="encrypt", email={"action": "encrypt", "deterministic": True}, income="encrypt", date_of_birth="encrypt")
+    batch = encrypt_batch(customers_schema, 50)
     ctx = ActionContext(runtime)
     out = protect_batch(batch, pol, ctx)
     assert out.schema.field("ssn").type == pa.binary()
@@ -81,9 +69,9 @@ def test_protect_batch_encrypts_and_round_trips(customers_schema, runtime):
 def test_batch_larger_than_dek_limit_is_split(customers_schema, tmp_path):
     ref = dev_keyring(tmp_path, dek_max_uses="7")
     runtime = RuntimeConfig(run_id="r", dataset_id="customers", state_dir=str(tmp_path), keys=ref)
-    pol = _policy(customers_schema, ssn="encrypt")
+    pol = encrypt_policy(customers_schema, ssn="encrypt")
     ctx = ActionContext(runtime)
-    out = protect_batch(_batch(customers_schema, 20), pol, ctx)
+    out = protect_batch(encrypt_batch(customers_schema, 20), pol, ctx)
     col = out.column(out.schema.get_field_index("ssn"))
     ids = {col[i].as_py()[1:9] for i in range(len(col))}
     assert len(ids) == 3  # 7 + 7 + 6 cells
@@ -92,10 +80,10 @@ def test_batch_larger_than_dek_limit_is_split(customers_schema, tmp_path):
 def test_pickled_action_dofn_and_runtime_hold_no_key_bytes(customers_schema, runtime):
     from cloakbeam.transforms.steps import PolicyRef, _ProtectFn
 
-    pol = _policy(customers_schema, ssn="encrypt")
+    pol = encrypt_policy(customers_schema, ssn="encrypt")
     fn = _ProtectFn(PolicyRef.of(pol), runtime)
     fn.setup()
-    batch = _batch(customers_schema, 10)
+    batch = encrypt_batch(customers_schema, 10)
     outs = list(fn.process(batch))  # keys are now open inside the DoFn
     assert any(getattr(o, "extra", {}).get("wrapped_keys") for o in outs)
     ks = fn.ctx.keys
@@ -124,8 +112,8 @@ def test_wrapped_keys_reach_the_manifest_when_protect_and_write_run_in_different
     from cloakbeam.tests.keys_fixtures import reveal_tables
     from cloakbeam.transforms.steps import PolicyRef, _ProtectFn, _WriteFn
 
-    pol = _policy(customers_schema, ssn="encrypt")
-    batch = _batch(customers_schema, 30)
+    pol = encrypt_policy(customers_schema, ssn="encrypt")
+    batch = encrypt_batch(customers_schema, 30)
     fn = _ProtectFn(PolicyRef.of(pol), runtime)
     fn.setup()
     outs = list(fn.process(batch))
@@ -153,9 +141,9 @@ def test_no_key_bytes_in_logs(customers_schema, runtime, caplog):
     import logging
 
     caplog.set_level(logging.DEBUG)
-    pol = _policy(customers_schema, ssn="encrypt", email={"action": "encrypt", "deterministic": True})
+    pol = encrypt_policy(customers_schema, ssn="encrypt", email={"action": "encrypt", "deterministic": True})
     ctx = ActionContext(runtime)
-    protect_batch(_batch(customers_schema, 20), pol, ctx)
+    protect_batch(encrypt_batch(customers_schema, 20), pol, ctx)
     ks = with_reveal(ctx.keys)
     ks.rotate()
     for rec in ks.wrapped_keys_used():
