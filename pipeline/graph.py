@@ -139,7 +139,7 @@ def build_graph(p: Any, run: PreparedRun) -> None:
     from cloakbeam.transforms.steps import CollectRunStats, ProtectRecords, ReadRecords, WriteTrainingParquet
 
     s = run.settings
-    records = p | "ReadRecords" >> ReadRecords(s.inputs, run.policy.schema, run.out_dir, run.runtime, s.batch_size, s.input_format)
+    records = p | "ReadRecords" >> ReadRecords(s.inputs, run.policy.schema, run.out_dir, run.runtime, s.batch_size, s.input_format, run.policy.sections.get("limits"))
     protected = records | "ProtectRecords" >> ProtectRecords(run.policy, run.runtime, run.out_dir)
     kanon = run.policy.sections.get("k_anonymity")
     if kanon is not None:

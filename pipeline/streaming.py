@@ -295,7 +295,7 @@ class ProtectWindowed(beam.PTransform):
             | "OncePerWindow" >> beam.GroupByKey()
             | "Path" >> beam.Map(lambda kv: kv[0])
             | "Open" >> fileio.ReadMatches()
-            | "Parse" >> beam.ParDo(_ReadFileFn(schema.avro, schema.source, s.input_format, s.batch_size, run.out_dir, run.runtime))
+            | "Parse" >> beam.ParDo(_ReadFileFn(schema.avro, schema.source, s.input_format, s.batch_size, run.out_dir, run.runtime, run.policy.sections.get("limits")))
         )
         protected = records | "ProtectRecords" >> ProtectRecords(run.policy, run.runtime, run.out_dir)
         kanon = run.policy.sections.get("k_anonymity")

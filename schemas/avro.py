@@ -43,6 +43,10 @@ class FieldInfo:
     max_length: int | None = None
     is_record: bool = False
     avro_type: Any = None
+    #: `cloakbeam.allowNonFinite: true` on a float/double field (or array of them): NaN and +-Infinity pass.
+    allow_non_finite: bool = False
+    #: `cloakbeam.allowControlCharacters: true` on a string field (or array of strings): C0 controls pass.
+    allow_control_characters: bool = False
 
     @property
     def name(self) -> str:
@@ -157,6 +161,16 @@ def _convert_field(f: dict[str, Any], prefix: str, index: dict[str, FieldInfo], 
     max_len = f.get("cloakbeam.maxLength")
     if max_len is None and pa.types.is_string(arrow_type):
         max_len = DEFAULT_MAX_STRING_BYTES
+    leaf_type = arrow_type.value_type if pa.types.is_list(arrow_type) else arrow_type
+    allow_nf = f.get("cloakbeam.allowNonFinite", False)
+    allow_cc = f.get("cloakbeam.allowControlCharacters", False)
+    for key, value, ok in (("cloakbeam.allowNonFinite", allow_nf, pa.types.is_floating(leaf_type)),
+                           ("cloakbeam.allowControlCharacters", allow_cc, pa.types.is_string(leaf_type))):
+        if not isinstance(value, bool):
+            raise SchemaError(f"schema {source}: field '{path}': '{key}' must be true or false")
+        if value and not ok:
+            kind = "float or double" if key == "cloakbeam.allowNonFinite" else "string"
+            raise SchemaError(f"schema {source}: field '{path}': '{key}' applies to {kind} fields (or arrays of them) only")
     index[path] = FieldInfo(
         path=path,
         arrow_type=arrow_type,
@@ -165,6 +179,8 @@ def _convert_field(f: dict[str, Any], prefix: str, index: dict[str, FieldInfo], 
         max_length=max_len,
         is_record=is_record,
         avro_type=inner,
+        allow_non_finite=allow_nf,
+        allow_control_characters=allow_cc,
     )
     return pa.field(name, arrow_type, nullable=nullable)
 
