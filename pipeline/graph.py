@@ -3,6 +3,10 @@
 `run_pipeline(settings)` is what `cloakbeam run` and `cloakbeam demo` call: it validates everything at
 construction (schema, policy, options, keys), runs the graph on the chosen runner, then assembles, checks and
 signs the manifest from the RunStats the workers emitted. It fails loudly when the counts do not reconcile.
+
+Local outputs are crash-consistent (pipeline/publish.py): the graph writes into a staging directory
+(`PreparedRun.out_dir`) that is published as `PreparedRun.final_dir` in one step after the manifest is signed;
+a failed run leaves the previous output untouched plus `OUT/.cloakbeam-failure.json`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from cloakbeam.core.config import (
     vault_ref_from,
 )
 from cloakbeam.errors import ConfigError, KeyAccessError
+from cloakbeam.pipeline import publish as _publish
 from cloakbeam.pipeline.manifest import build_manifest, check_reconciled, write_manifest
 from cloakbeam.schemas.avro import load_schema
 from cloakbeam.transforms.policy import CompiledPolicy, load_policy
@@ -58,8 +63,10 @@ class PreparedRun:
     settings: RunSettings
     policy: CompiledPolicy
     runtime: RuntimeConfig
-    out_dir: str
+    out_dir: str  # where the graph writes: the staging directory for local batch outputs
     stats_path: str
+    final_dir: str = ""  # where the output is published (the user's --output)
+    plan: _publish.OutputPlan | None = None
 
 
 def prepare(settings: RunSettings) -> PreparedRun:
@@ -77,7 +84,8 @@ def prepare(settings: RunSettings) -> PreparedRun:
     keys = key_ref_from(config, state)
     vault = vault_ref_from(config, state)
     out_dir = settings.output if not fsio.is_local(settings.output) else os.path.abspath(settings.output)
-    _prepare_output(out_dir, settings.overwrite, resume=bool(settings.runner_options.get("streaming")))
+    streaming = bool(settings.runner_options.get("streaming"))
+    _check_output(out_dir, settings.inputs, settings.overwrite, streaming)
     if keys.provider == "local":
         from cloakbeam.keys.service import ensure_local_keyring
 
@@ -98,8 +106,12 @@ def prepare(settings: RunSettings) -> PreparedRun:
     from cloakbeam.runners import check_runner_compatibility
 
     check_runner_compatibility(settings.runner, runtime, settings.runner_options, output=out_dir)
-    stats_path = fsio.join(out_dir, STATS_DIR, f"{runtime.run_id}.stats")
-    return PreparedRun(settings, policy, runtime, out_dir, stats_path)
+    # Last, once nothing else can refuse the run: clean up after killed runs and create the staging directory.
+    # A streaming run resumes into its output: file and window-manifest names are deterministic, so a restart
+    # rewrites the same files instead of adding duplicates (pipeline/streaming.py stages per window).
+    plan = _publish.plan_output(out_dir, runtime.run_id, settings.overwrite, in_place=streaming)
+    stats_path = fsio.join(plan.staging, STATS_DIR, f"{runtime.run_id}.stats")
+    return PreparedRun(settings, policy, runtime, plan.staging, stats_path, final_dir=plan.final, plan=plan)
 
 
 def _check_inputs(patterns: Sequence[str]) -> None:
@@ -115,23 +127,16 @@ def _check_inputs(patterns: Sequence[str]) -> None:
             raise ConfigError(f"input pattern {pattern} matches no file")
 
 
-def _prepare_output(out_dir: str, overwrite: bool, resume: bool = False) -> None:
+def _check_output(out_dir: str, inputs: Sequence[str], overwrite: bool, streaming: bool) -> None:
+    """Refuse an output that would swallow an input: publishing replaces the output directory as a whole."""
     if not fsio.is_local(out_dir):
         return
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError(f"output {out_dir} exists and is not a directory")
-    if resume and not overwrite:
-        # A streaming run resumes into its output: file and window-manifest names are deterministic, so a
-        # restart rewrites the same files instead of adding duplicates (pipeline/streaming.py).
-        os.makedirs(out_dir, exist_ok=True)
-        return
-    existing = [n for n in ("data", "quarantine", "manifest.json", "manifests") if os.path.exists(os.path.join(out_dir, n))]
-    if existing and not overwrite:
-        raise ConfigError(f"output directory {out_dir} already holds a run ({existing[0]}); choose another --output or pass --overwrite")
-    for n in existing:
-        p = os.path.join(out_dir, n)
-        shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p)
-    os.makedirs(out_dir, exist_ok=True)
+    root = os.path.realpath(out_dir) + os.sep
+    for pattern in inputs:
+        if fsio.is_local(pattern) and os.path.realpath(pattern.split("*", 1)[0] or ".").startswith(root) and not streaming:
+            raise ConfigError(f"input {pattern} lies inside the output directory {out_dir}; a run replaces its output directory, so keep inputs elsewhere")
 
 
 def build_graph(p: Any, run: PreparedRun) -> None:
@@ -149,7 +154,34 @@ def build_graph(p: Any, run: PreparedRun) -> None:
 
 
 def run_pipeline(settings: RunSettings) -> dict[str, Any]:
-    """Run one batch job end to end and return the written manifest (as a dict)."""
+    """Run one batch job end to end, publish its output and return the written manifest (as a dict)."""
+    if settings.runner_options.get("streaming"):
+        from cloakbeam.pipeline.streaming import run_streaming
+
+        return run_streaming(settings)
+    run = prepare(settings)
+    try:
+        manifest = _execute(run, settings)
+    except BaseException as exc:
+        if run.plan is not None:
+            _publish.fail(run.plan, exc)
+        raise
+    if run.plan is not None:
+        _publish.publish(run.plan)
+    note_unreadable(manifest)
+    return manifest
+
+
+def note_unreadable(manifest: dict[str, Any]) -> None:
+    """One stderr line when damaged inputs hid their record count (listed under 'unreadable'): never silent."""
+    if manifest.get("unreadable"):
+        import sys
+
+        print(f"cloakbeam: {len(manifest['unreadable'])} damaged input region(s) could not be counted; see 'unreadable' in the manifest", file=sys.stderr)
+
+
+def _execute(run: PreparedRun, settings: RunSettings) -> dict[str, Any]:
+    """Run the graph into `run.out_dir` and write, sign and check the manifest there (not yet published)."""
     import dataclasses
 
     import apache_beam as beam
@@ -157,11 +189,6 @@ def run_pipeline(settings: RunSettings) -> dict[str, Any]:
     from cloakbeam.core.progress import ProgressListener
     from cloakbeam.runners import make_runner
 
-    if settings.runner_options.get("streaming"):
-        from cloakbeam.pipeline.streaming import run_streaming
-
-        return run_streaming(settings)
-    run = prepare(settings)
     started = dt.datetime.now(dt.timezone.utc)
     with ProgressListener(enabled=settings.progress) as progress:
         if fsio.is_local(run.out_dir) and settings.runner in ("direct", "dask"):

@@ -1,0 +1,166 @@
+"""Crash-consistent outputs (issue 13): a run publishes its output in one step; a failed run leaves the previous
+complete output (or nothing) plus a failure record saying why; a rerun replaces, never adds."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cloakbeam.cli.main import main
+from cloakbeam.errors import ConfigError
+from cloakbeam.pipeline import publish
+from cloakbeam.pipeline.graph import RunSettings, run_pipeline
+from cloakbeam.tests.paths import POLICY, SCHEMA
+
+
+def _tree(d: Path) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file under `d`."""
+    return {p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _strict_policy(tmp_path: Path) -> Path:
+    raw = yaml.safe_load(open(POLICY))
+    raw["k_anonymity"]["k"] = 100_000  # cannot be met: the run fails after ingest wrote its quarantine
+    pol = tmp_path / "strict.yaml"
+    pol.write_text(yaml.safe_dump(raw))
+    return pol
+
+
+def _siblings(out: Path) -> list[str]:
+    return sorted(n for n in os.listdir(out.parent) if n.startswith(f".{out.name}."))
+
+
+def _run_cli(inp: str, out: Path, policy: Path = POLICY, *extra: str) -> int:
+    return main(["run", "--input", inp, "--schema", str(SCHEMA), "--policy", str(policy), "--output", str(out), *extra])
+
+
+def test_a_failed_run_leaves_nothing_but_a_failure_record(tmp_path, reference_inputs, capsys):
+    out = tmp_path / "out"
+    assert _run_cli(reference_inputs["jsonl"]["path"], out, _strict_policy(tmp_path)) == 1
+    assert "cannot be met" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == [publish.FAILURE_NAME]
+    record = json.loads((out / publish.FAILURE_NAME).read_text())
+    assert record["error"] == "ConfigError" or record["error"].endswith("Error")
+    assert "k-anonymity target k=100000 cannot be met" in record["reason"]
+    assert _siblings(out) == []
+    # Nothing complete was there: a rerun needs no --overwrite and replaces the failure record.
+    assert _run_cli(reference_inputs["jsonl"]["path"], out) == 0
+    assert (out / "manifest.json").exists() and not (out / publish.FAILURE_NAME).exists()
+
+
+def test_a_failed_rerun_keeps_the_previous_complete_output(tmp_path, reference_inputs):
+    out = tmp_path / "out"
+    assert _run_cli(reference_inputs["csv"]["path"], out) == 0
+    before = _tree(out)
+    assert _run_cli(reference_inputs["csv"]["path"], out, _strict_policy(tmp_path), "--overwrite") == 1
+    after = _tree(out)
+    assert after.pop(publish.FAILURE_NAME)
+    assert after == before
+    assert main(["verify", str(out)]) == 0
+    assert _siblings(out) == []
+
+
+def test_overwrite_replaces_the_whole_output_without_leftovers(tmp_path, reference_inputs):
+    out = tmp_path / "out"
+    assert _run_cli(reference_inputs["jsonl"]["path"], out, POLICY, "--batch-size", "500") == 0
+    first = set(_tree(out))
+    assert _run_cli(reference_inputs["jsonl"]["path"], out, POLICY, "--overwrite", "--batch-size", "1000") == 0
+    second = set(_tree(out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    listed = {o["path"] for o in manifest["outputs"]} | {q["path"] for q in manifest["quarantine"]}
+    assert {p for p in second if p.startswith(("data/", "quarantine/"))} == listed
+    assert first != second and _siblings(out) == []
+
+
+def test_without_overwrite_a_complete_run_is_refused_and_strangers_are_protected(tmp_path, reference_inputs):
+    s = RunSettings(inputs=[reference_inputs["parquet"]["path"]], schema=str(SCHEMA), policy=str(POLICY), output=str(tmp_path / "o"), progress=False)
+    run_pipeline(s)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_pipeline(s)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("not a run")
+    with pytest.raises(ConfigError, match=r"is not empty and holds no cloakbeam run \(first entry: thesis.txt\)"):
+        run_pipeline(RunSettings(inputs=s.inputs, schema=s.schema, policy=s.policy, output=str(mine), progress=False, overwrite=True))
+    assert (mine / "thesis.txt").read_text() == "not a run"
+
+
+def test_an_input_inside_the_output_is_refused(tmp_path, reference_inputs):
+    out = tmp_path / "out"
+    (out / "raw").mkdir(parents=True)
+    src = out / "raw" / "c.jsonl"
+    src.write_bytes(Path(reference_inputs["jsonl"]["path"]).read_bytes())
+    with pytest.raises(ConfigError, match="lies inside the output directory"):
+        run_pipeline(RunSettings(inputs=[str(src)], schema=str(SCHEMA), policy=str(POLICY), output=str(out), progress=False))
+
+
+def test_a_killed_runs_staging_is_removed_and_recorded_by_the_next_run(tmp_path, reference_inputs):
+    out = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    staging = tmp_path / f".out{publish.STAGING_TAG}deadbeef"
+    (staging / "data").mkdir(parents=True)
+    (staging / "data" / "part-x.parquet").write_bytes(b"half")
+    (staging / publish.OWNER_NAME).write_text(json.dumps({"run_id": "deadbeef", "pid": int(dead), "host": __import__("socket").gethostname()}))
+    assert publish.recover_abandoned(str(out)) == ["deadbeef"]
+    assert not staging.exists()
+    record = json.loads((out / publish.FAILURE_NAME).read_text())
+    assert record["run_id"] == "deadbeef" and "did not finish" in record["reason"]
+
+
+def test_a_live_runs_staging_is_not_touched(tmp_path):
+    out = tmp_path / "out"
+    staging = tmp_path / f".out{publish.STAGING_TAG}live"
+    staging.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (staging / publish.OWNER_NAME).write_text(json.dumps({"run_id": "live", "pid": sleeper.pid, "host": __import__("socket").gethostname()}))
+        with pytest.raises(ConfigError, match=r"another run \(live, process \d+\) is writing to"):
+            publish.recover_abandoned(str(out))
+        assert staging.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_publish_without_rename_exchange_and_a_crash_between_the_renames(tmp_path, monkeypatch):
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "manifest.json").write_text("old")
+    plan = publish.plan_output(str(final), "r1", overwrite=True)
+    Path(plan.staging, "manifest.json").write_text("new")
+    monkeypatch.setattr(publish, "_exchange", lambda a, b: False)
+    publish.publish(plan)
+    assert (final / "manifest.json").read_text() == "new" and os.listdir(tmp_path) == ["out"]
+    # A crash after `final` was renamed aside but before the staged tree arrived: the next run restores it.
+    os.rename(final, tmp_path / f".out{publish.OLD_TAG}r2")
+    publish.recover_abandoned(str(final))
+    assert (final / "manifest.json").read_text() == "new"
+
+
+def test_publish_swaps_atomically_with_rename_exchange(tmp_path):
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "manifest.json").write_text("old")
+    inode = final.stat().st_ino
+    plan = publish.plan_output(str(final), "r1", overwrite=True)
+    staged_inode = Path(plan.staging).stat().st_ino
+    Path(plan.staging, "manifest.json").write_text("new")
+    publish.publish(plan)
+    assert (final / "manifest.json").read_text() == "new"
+    assert final.stat().st_ino in (staged_inode,) and final.stat().st_ino != inode
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_failure_records_hold_no_value(tmp_path):
+    plan = publish.plan_output(str(tmp_path / "o"), "r", overwrite=False)
+    publish.fail(plan, ValueError("secret 219-09-9999"))
+    text = (tmp_path / "o" / publish.FAILURE_NAME).read_text()
+    assert "219-09-9999" not in text and "ValueError" in text
+    assert not Path(plan.staging).exists()
