@@ -242,8 +242,9 @@ def _audit(args: argparse.Namespace, state: Path, ks: Any):
         from cloakbeam.vault.audit import AuditLog, audit_key
     except ImportError:  # pragma: no cover - the vault layer ships the audit log
         return None
-    path = Path(args.audit_log) if args.audit_log else state / AUDIT_FILE
-    return AuditLog(path, audit_key(ks))
+    from cloakbeam.cli.vault import audit_log_path
+
+    return AuditLog(audit_log_path(args.audit_log, state), audit_key(ks))
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -74,6 +74,18 @@ def _who(p: argparse.ArgumentParser) -> None:
     p.add_argument("--roles", default=None, metavar="FILE", help="role policy YAML (default $CLOAKBEAM_ROLES or STATE_DIR/roles.yaml)")
 
 
+def audit_log_path(option: str | None, state: Path) -> Path:
+    """The audit log file to use; a sentence (ConfigError) when it is not a regular file or cannot be created.
+
+    `--log /dev/null` is refused on purpose: an audit log that discards entries would let reveals go unrecorded."""
+    p = Path(option) if option else state / AUDIT_FILE
+    if p.exists() and not p.is_file():
+        raise ConfigError(f"audit log {p} is not a regular file; name a file the audit chain can be appended to")
+    if not p.exists() and not os.access(p.parent if p.parent.exists() else p.parent.parent, os.W_OK):
+        raise ConfigError(f"audit log {p} cannot be created (directory not writable)")
+    return p
+
+
 class _Env:
     """Keys, vault, audit log and role policy opened from the command's options."""
 
@@ -91,8 +103,7 @@ class _Env:
             self.keys = open_key_service(key_ref_from(config, self.state))
         except KeyAccessError as exc:
             raise ConfigError(str(exc)) from None
-        log_path = Path(args.audit_log) if args.audit_log else self.state / AUDIT_FILE
-        self.audit = AuditLog(log_path, audit_key(self.keys))
+        self.audit = AuditLog(audit_log_path(args.audit_log, self.state), audit_key(self.keys))
         self.vault = None
         if need_vault:
             from cloakbeam.vault.store import open_vault

@@ -86,10 +86,32 @@ def load_schema(path: str | Path) -> InputSchema:
     except OSError as exc:
         raise SchemaError(f"cannot read schema file {p}: {exc.strerror}") from None
     try:
-        avro = json.loads(text)
+        avro = json.loads(text, object_pairs_hook=_unique_keys)
+    except _RepeatedKey as exc:
+        raise SchemaError(f"schema file {p} repeats the key '{exc.key}' in one object; each key may appear once") from None
     except json.JSONDecodeError as exc:
         raise SchemaError(f"schema file {p} is not valid JSON (line {exc.lineno}, column {exc.colno})") from None
-    return schema_from_dict(avro, source=str(p))
+    except RecursionError:
+        raise SchemaError(f"schema file {p} is nested too deeply to read") from None
+    try:
+        return schema_from_dict(avro, source=str(p))
+    except RecursionError:
+        raise SchemaError(f"schema file {p} is nested too deeply to read") from None
+
+
+class _RepeatedKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__("repeated key")
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _RepeatedKey(k)
+        out[k] = v
+    return out
 
 
 def schema_from_dict(avro: dict[str, Any], source: str = "<inline>") -> InputSchema:
