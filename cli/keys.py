@@ -26,7 +26,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--protect", choices=("passphrase", "env-key", "dev"), default="passphrase",
                    help="how the local keyring's KEKs are protected (default passphrase from $CLOAKBEAM_KEYRING_PASSPHRASE)")
     p.add_argument("--env", default=None, metavar="VAR", help="environment variable holding the passphrase or raw key")
-    p.add_argument("--scrypt-n", type=int, default=2**15, help=argparse.SUPPRESS)
+    p.add_argument("--scrypt-n", type=int, default=None, help=argparse.SUPPRESS)  # tests only; default keys.keyring.DEFAULT_SCRYPT_N
     p.set_defaults(func=cmd_init)
 
     p = ksub.add_parser("list", help="list KEK versions and their state (no key material)")
@@ -111,7 +111,9 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise ConfigError("no keyring path; pass --keyring FILE or configure keys.path")
     params = dict(ref.params)
     try:
-        init_keyring(ref.path, provider=ref.provider, protection=args.protect, env=args.env, scrypt_n=args.scrypt_n, params=params)
+        from cloakbeam.keys.keyring import DEFAULT_SCRYPT_N
+
+        init_keyring(ref.path, provider=ref.provider, protection=args.protect, env=args.env, scrypt_n=args.scrypt_n or DEFAULT_SCRYPT_N, params=params)
     except KeyAccessError as exc:  # missing passphrase/token, unreachable KMS: nothing was written
         raise ConfigError(str(exc)) from None
     if args.protect == "dev" and ref.provider == "local":
