@@ -83,6 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.beam_args = beam_args
     verbose = bool(getattr(args, "verbose", False))
+    if not verbose:
+        # Runner threads (Beam's worker handlers) report their own failures with a traceback through
+        # threading.excepthook; the launcher turns the failure into one sentence, so keep those for --verbose.
+        import threading
+
+        threading.excepthook = lambda hook_args: None
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:

@@ -76,8 +76,9 @@ def load_yaml(text: str | bytes, source: str, *, what: str = "YAML file", error:
     size = len(text.encode("utf-8") if isinstance(text, str) else text)
     if size > max_bytes:
         raise error(f"{what} {source} is {size:,} bytes, over the {max_bytes:,}-byte limit for cloakbeam documents")
-    loader = _StrictLoader(text)
+    loader = None
     try:
+        loader = _StrictLoader(text)  # the reader checks for unprintable characters right here
         if not loader.check_node():
             return None
         node = loader.get_node()
@@ -86,6 +87,8 @@ def load_yaml(text: str | bytes, source: str, *, what: str = "YAML file", error:
         return loader.construct_document(node)
     except _Refused as exc:
         raise error(f"{what} {source} {exc.message}") from None
+    except yaml.reader.ReaderError as exc:
+        raise error(f"{what} {source} holds a character YAML does not allow (a control character) at character offset {exc.position}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -93,7 +96,8 @@ def load_yaml(text: str | bytes, source: str, *, what: str = "YAML file", error:
     except RecursionError:
         raise error(f"{what} {source} is nested too deeply to read") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_yaml_file(path: Any, *, what: str = "YAML file", error: type[ConfigError] = ConfigError, max_bytes: int = MAX_YAML_BYTES) -> tuple[str, Any]:

@@ -29,7 +29,7 @@ from cloakbeam.core.config import (
     resolve_state_dir,
     vault_ref_from,
 )
-from cloakbeam.errors import ConfigError, KeyAccessError
+from cloakbeam.errors import CloakbeamError, ConfigError, KeyAccessError
 from cloakbeam.pipeline import publish as _publish
 from cloakbeam.pipeline.manifest import build_manifest, check_reconciled, write_manifest
 from cloakbeam.schemas.avro import load_schema
@@ -172,6 +172,33 @@ def run_pipeline(settings: RunSettings) -> dict[str, Any]:
     return manifest
 
 
+def runner_failure(runner: str, output: str, exc: BaseException) -> CloakbeamError:
+    """One sentence for a run that failed inside the runner with a foreign exception (a worker process killed,
+    a database or network error in a step). Only the class is named: a foreign message may quote data."""
+    reason = _system_reason(exc)
+    what = f"{type(exc).__name__}: {reason}" if reason else f"{type(exc).__name__}: a worker process died or a step raised"
+    return CloakbeamError(
+        f"the {runner} runner failed ({what}); nothing was published to {output}, "
+        "which keeps its previous content; rerun the same command to replace it (details with --verbose)"
+    )
+
+
+def _system_reason(exc: BaseException) -> str | None:
+    """The operating system's reason (e.g. 'No space left on device') behind a runner failure, if there is one.
+
+    Beam re-raises a step's OSError as a RuntimeError carrying the original text; the errno is taken from the
+    exception chain or from that text and turned back into the system's own wording, so nothing else is quoted."""
+    import re
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return os.strerror(seen.errno)
+        seen = seen.__cause__ or seen.__context__
+    match = re.search(r"\[Errno (\d+)\]", str(exc))
+    return os.strerror(int(match.group(1))) if match else None
+
+
 def note_unreadable(manifest: dict[str, Any]) -> None:
     """One stderr line when damaged inputs hid their record count (listed under 'unreadable'): never silent."""
     if manifest.get("unreadable"):
@@ -197,8 +224,13 @@ def _execute(run: PreparedRun, settings: RunSettings) -> dict[str, Any]:
         with runner.session() if hasattr(runner, "session") else _nullcontext():
             p = beam.Pipeline(runner=runner.beam_runner if hasattr(runner, "beam_runner") else runner, options=options)
             build_graph(p, run)
-            result = p.run()
-            result.wait_until_finish()
+            try:
+                result = p.run()
+                result.wait_until_finish()
+            except (CloakbeamError, KeyboardInterrupt):
+                raise
+            except Exception as exc:
+                raise runner_failure(settings.runner, run.final_dir or run.out_dir, exc) from exc
     finished = dt.datetime.now(dt.timezone.utc)
     stats = _load_stats(run.stats_path)
     manifest = build_manifest(

@@ -417,6 +417,12 @@ def _iter_lines(fh: BinaryIO, limits: IngestLimits) -> Iterator[tuple[bytes, int
         yield carry, len(carry)
 
 
+def _is_record(raw: bytes, size: int, limits: IngestLimits) -> bool:
+    """A physical line is a record when it is not blank, or when it is over the size limit (it is then never
+    looked at in full, so it counts, as `oversize`)."""
+    return size > limits.max_record_bytes or bool(raw.strip())
+
+
 def _read_text(fh: BinaryIO, source: str, schema: InputSchema, batch_size: int, limits: IngestLimits, header: bool) -> Iterator[pa.RecordBatch | Rejected]:
     """Read a text format chunk by chunk (at most batch_size lines a chunk).
 
@@ -449,7 +455,7 @@ def _read_text(fh: BinaryIO, source: str, schema: InputSchema, batch_size: int, 
             except (UnicodeDecodeError, csv.Error, StopIteration, ValueError):
                 # Without a usable header no line can be mapped to fields: quarantine the whole file as one entry
                 # that counts every remaining non-empty line.
-                rest = sum(1 for line, _ in lines if line.strip())
+                rest = sum(1 for line, n in lines if _is_record(line, n, limits))
                 yield Rejected(source, f"line {lineno}", reason, field, raw[: limits.quarantine_record_bytes], records=rest,
                                records_from="remaining lines", size=size)
                 return
@@ -459,11 +465,12 @@ def _read_text(fh: BinaryIO, source: str, schema: InputSchema, batch_size: int, 
     fast_ok = _fast_path_supported(schema, fmt, columns)
     for raw, size in lines:
         lineno += 1
+        if not _is_record(raw, size, limits):
+            continue
         if size > limits.max_record_bytes:
             yield Rejected(source, f"line {lineno}", "oversize", None, raw, detail=f"max_record_bytes {limits.max_record_bytes}", size=size)
             continue
-        if raw.strip():
-            chunk.append((lineno, raw if raw.endswith(b"\n") else raw + b"\n"))
+        chunk.append((lineno, raw if raw.endswith(b"\n") else raw + b"\n"))
         if len(chunk) >= batch_size:
             yield from _read_chunk(chunk, source, schema, fmt, columns, header_line, fast_ok, limits)
             chunk = []

@@ -74,6 +74,9 @@ def compile_policy(raw: Any, schema: InputSchema, source: str = "<inline>", text
 
 def _compile(raw: dict[str, Any], schema: InputSchema, source: str, text: str | None) -> CompiledPolicy:
     sections = registered_sections()
+    odd = [k for k in raw if not isinstance(k, str)]
+    if odd:
+        raise PolicyError(f"every top-level key must be a name; found a {type(odd[0]).__name__} key")
     unknown = sorted(set(raw) - CORE_KEYS - set(sections))
     if unknown:
         known = ", ".join(sorted(CORE_KEYS | set(sections)))

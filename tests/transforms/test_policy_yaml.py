@@ -102,3 +102,15 @@ def test_limits_section_is_validated(tmp_path):
         _load(tmp_path, BASE + "limits: {max_dept: 8}\n")
     with pytest.raises(PolicyError, match="limit 'max_depth' must be a positive whole number"):
         _load(tmp_path, BASE + "limits: {max_depth: -1}\n")
+
+
+def test_a_control_character_in_a_policy_is_a_sentence(tmp_path):
+    """Found by tests/fuzz/fuzz_policy.py: PyYAML's reader raised outside the loader's error handling."""
+    with pytest.raises(PolicyError, match=r"holds a character YAML does not allow .* at character offset \d+"):
+        _load(tmp_path, BASE + "description: a\x00b\n")
+
+
+def test_a_null_top_level_key_is_a_sentence(tmp_path):
+    """Found by tests/fuzz/fuzz_policy.py: sorting top-level keys raised TypeError on a null key."""
+    with pytest.raises(PolicyError, match="every top-level key must be a name; found a NoneType key"):
+        _load(tmp_path, BASE + "~: x\n")
