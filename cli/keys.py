@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cloakbeam.cli.vault import AUDIT_FILE, ROLES_FILE  # one place names the files both CLIs use
+from cloakbeam.cli.vault import ROLES_FILE  # one place names the files both CLIs use
 from cloakbeam.errors import ConfigError, IntegrityError, KeyAccessError
 
 

@@ -487,9 +487,9 @@ def init_keyring(
     ref = KeyRef(provider=provider, path=str(p), params=tuple(sorted((params or {}).items())))
     if provider == "local" and protection == "passphrase":
         env_name = env or _kr.DEFAULT_PASSPHRASE_ENV
-        secret = os.environ.get(env_name)
-        if secret:  # a missing passphrase is refused below, when the protection key is derived
-            _kr.check_passphrase(secret, env_name)
+        phrase = os.environ.get(env_name)
+        if phrase:  # a missing passphrase is refused below, when the protection key is derived
+            _kr.check_passphrase(phrase, env_name)
     doc: dict[str, Any] = {
         "format": _kr.FORMAT,
         "version": _kr.FORMAT_VERSION,

@@ -114,3 +114,9 @@ def test_a_null_top_level_key_is_a_sentence(tmp_path):
     """Found by tests/fuzz/fuzz_policy.py: sorting top-level keys raised TypeError on a null key."""
     with pytest.raises(PolicyError, match="every top-level key must be a name; found a NoneType key"):
         _load(tmp_path, BASE + "~: x\n")
+
+
+def test_a_non_string_parameter_name_is_a_sentence(tmp_path):
+    """Found by tests/fuzz/fuzz_policy.py: sorting an action's parameter names raised TypeError on an int key."""
+    with pytest.raises(PolicyError, match=r"field 'age' \(action 'keep'\): parameter names must be words; found a int key"):
+        _load(tmp_path, BASE + "  age: {action: keep, 7: x}\n")
