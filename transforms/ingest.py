@@ -87,6 +87,10 @@ class _Invalid(Exception):
 
 register_section("limits", lambda raw, schema, policy: IngestLimits.from_section(raw))
 
+# Python's csv module refuses fields over 128 KiB (a DoS guard that pyarrow's reader does not share, so the two
+# paths would disagree); lines are already capped by `max_record_bytes`, which is the limit that applies.
+csv.field_size_limit(2**31 - 1)
+
 # C0 control characters other than tab (\x09), LF (\x0a) and CR (\x0d).
 _CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f]"
 _CONTROL_RE = re.compile(_CONTROL)

@@ -259,3 +259,10 @@ def test_csv_writer_round_trip_of_hostile_strings_reconciles(path_kind):
     good, bad = _read(buf.getvalue().encode(), "csv", _schema())
     assert sum(b.num_rows for b in good) + sum(r.records for r in bad) == 50
     assert {r.reason for r in bad} == {"control_character"}
+
+
+def test_a_csv_field_over_128_kib_is_judged_by_the_limits_on_both_paths(path_kind):
+    schema = _schema(note={"cloakbeam.maxLength": 500_000})
+    data = b"id,note\nok," + b"y" * 200_000 + b"\nx,\x00\n"
+    good, bad = _read(data, "csv", schema)
+    assert sum(b.num_rows for b in good) == 1 and [r.reason for r in bad] == ["control_character"]
