@@ -467,12 +467,13 @@ def _read_text(fh: BinaryIO, source: str, schema: InputSchema, batch_size: int, 
         if columns is None:
             return
     fast_ok = _fast_path_supported(schema, fmt, columns)
+    cap = limits.max_record_bytes
     for raw, size in lines:
         lineno += 1
-        if not _is_record(raw, size, limits):
-            continue
-        if size > limits.max_record_bytes:
+        if size > cap:
             yield Rejected(source, f"line {lineno}", "oversize", None, raw, detail=f"max_record_bytes {limits.max_record_bytes}", size=size)
+            continue
+        if not raw.strip():  # blank lines are not records (`_is_record`)
             continue
         chunk.append((lineno, raw if raw.endswith(b"\n") else raw + b"\n"))
         if len(chunk) >= batch_size:
@@ -541,17 +542,17 @@ def _with_nullable(t: pa.DataType) -> pa.DataType:
     return t
 
 
-def _too_deep(chunk: list[tuple[int, bytes]], max_depth: int) -> set[int]:
-    """Line numbers of the JSON lines nested deeper than `max_depth` (vectorized over the chunk: only lines with
-    more opening brackets than the limit are measured)."""
-    data = b"".join(raw for _, raw in chunk)
+def _too_deep(chunk: list[tuple[int, bytes]], data: bytes, max_depth: int) -> set[int]:
+    """Line numbers of the JSON lines (joined in `data`) nested deeper than `max_depth`.
+
+    Vectorized over the chunk: the positions of every opening bracket are found with numpy and counted per line
+    (searchsorted + bincount); only a line with more opening brackets than the limit is measured exactly."""
     arr = np.frombuffer(data, dtype=np.uint8)
-    opens = (arr == 0x7B) | (arr == 0x5B)
-    if int(opens.sum()) <= max_depth:
+    opens = np.flatnonzero((arr == 0x7B) | (arr == 0x5B))
+    if len(opens) <= max_depth:
         return set()
-    lengths = np.fromiter((len(raw) for _, raw in chunk), dtype=np.int64, count=len(chunk))
-    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-    per_line = np.add.reduceat(opens.astype(np.int64), starts)
+    ends = np.cumsum(np.fromiter((len(raw) for _, raw in chunk), dtype=np.int64, count=len(chunk)))
+    per_line = np.bincount(np.searchsorted(ends, opens, side="right"), minlength=len(chunk))
     return {chunk[i][0] for i in np.flatnonzero(per_line > max_depth).tolist() if json_depth(chunk[i][1]) > max_depth}
 
 
@@ -559,8 +560,9 @@ def _read_chunk(
     chunk: list[tuple[int, bytes]], source: str, schema: InputSchema, fmt: str,
     columns: list[str] | None, header_line: bytes | None, fast_ok: bool, limits: IngestLimits,
 ) -> Iterator[pa.RecordBatch | Rejected]:
+    body = b"".join(raw for _, raw in chunk)
     if fmt == "jsonl":
-        deep = _too_deep(chunk, limits.max_depth)
+        deep = _too_deep(chunk, body, limits.max_depth)
         if deep:
             for n, raw in chunk:
                 if n in deep:
@@ -569,8 +571,9 @@ def _read_chunk(
             chunk = [(n, raw) for n, raw in chunk if n not in deep]
             if not chunk:
                 return
+            body = b"".join(raw for _, raw in chunk)
     if fast_ok:
-        data = (header_line or b"") + b"".join(raw for _, raw in chunk)
+        data = (header_line or b"") + body if header_line else body
         try:
             # pyarrow's JSON reader does not reject every invalid UTF-8 sequence inside strings; one
             # C-speed decode of the chunk does, and sends the chunk to the line-by-line path.
@@ -798,6 +801,18 @@ def validate_batch(
     return loose.cast(schema.arrow), rejected
 
 
+def _may_hold_controls(values: pa.Array) -> bool:
+    """False when the string column's data buffer holds no C0 control byte other than tab, LF, CR: the common
+    case costs one numpy pass over the bytes, and only a column that may hold one is matched per value (a sliced
+    array's buffer may hold bytes outside the slice, which can only send it to the exact check)."""
+    buffers = values.buffers()
+    if len(buffers) < 3 or buffers[2] is None:
+        return False
+    d = np.frombuffer(buffers[2], dtype=np.uint8)
+    low = d < 0x20
+    return bool(low.any() and (low & (d != 0x09) & (d != 0x0A) & (d != 0x0D)).any())
+
+
 def _mark_content(leaf: pa.Array, info: FieldInfo, mark: Callable[[np.ndarray, str, str], None]) -> None:
     """Non-finite floats (wrong_type) and C0 control characters (control_character), per row, vectorized; list
     items are checked through their parent row."""
@@ -811,6 +826,8 @@ def _mark_content(leaf: pa.Array, info: FieldInfo, mark: Callable[[np.ndarray, s
         bad = pc.invert(pc.fill_null(pc.is_finite(values), True))
         reason = "wrong_type"
     elif pa.types.is_string(values.type) and not info.allow_control_characters:
+        if not _may_hold_controls(values):
+            return
         bad = pc.fill_null(pc.match_substring_regex(values, _CONTROL), False)
         reason = "control_character"
     else:
