@@ -266,3 +266,11 @@ def test_a_csv_field_over_128_kib_is_judged_by_the_limits_on_both_paths(path_kin
     data = b"id,note\nok," + b"y" * 200_000 + b"\nx,\x00\n"
     good, bad = _read(data, "csv", schema)
     assert sum(b.num_rows for b in good) == 1 and [r.reason for r in bad] == ["control_character"]
+
+
+def test_a_chunk_starting_with_a_null_line_is_not_handed_to_pyarrow(path_kind):
+    """Found by tests/fuzz/fuzz_jsonl.py: pyarrow's JSON reader segfaults on a block whose first value is null,
+    which took the whole worker process down. Such lines are wrong_type records; the neighbours survive."""
+    good, bad = _read(b"null\n" + GOOD + b"\n1\n" + GOOD + b"\n", "jsonl", _schema())
+    assert sum(b.num_rows for b in good) == 2
+    assert [(r.reason, r.location) for r in bad] == [("wrong_type", "line 1"), ("wrong_type", "line 3")]
