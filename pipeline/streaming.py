@@ -203,7 +203,9 @@ class _WindowManifestFn(beam.DoFn):
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
                 os.replace(src, dst)
             elif not os.path.exists(dst):
-                raise ConfigError(f"window file {f.path} is neither staged nor committed; rerun the window")
+                from cloakbeam.errors import IntegrityError
+
+                raise IntegrityError(f"window file {f.path} is neither staged nor committed; rerun the window")
 
     def setup(self) -> None:
         from cloakbeam.keys.service import open_key_service

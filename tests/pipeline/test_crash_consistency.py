@@ -164,3 +164,22 @@ def test_failure_records_hold_no_value(tmp_path):
     text = (tmp_path / "o" / publish.FAILURE_NAME).read_text()
     assert "219-09-9999" not in text and "ValueError" in text
     assert not Path(plan.staging).exists()
+
+
+def test_a_streaming_window_commit_moves_its_staged_files_before_its_manifest(tmp_path):
+    from cloakbeam.core.stats import FileStat, RunStats
+    from cloakbeam.errors import IntegrityError
+    from cloakbeam.pipeline.streaming import WINDOW_STAGING, _WindowManifestFn
+
+    out = tmp_path / "out"
+    staged = out / WINDOW_STAGING / "data" / "window=w" / "part-1.parquet"
+    staged.parent.mkdir(parents=True)
+    staged.write_bytes(b"rows")
+    fn = _WindowManifestFn(str(out), None, None, "direct", staging=str(out / WINDOW_STAGING))
+    stats = RunStats(files=[FileStat("data/window=w/part-1.parquet", 1, 4, "0" * 64)])
+    fn._commit_files(stats)
+    assert (out / "data" / "window=w" / "part-1.parquet").read_bytes() == b"rows" and not staged.exists()
+    fn._commit_files(stats)  # a later pane: already committed
+    stats.files.append(FileStat("data/window=w/part-2.parquet", 1, 4, "0" * 64))
+    with pytest.raises(IntegrityError, match="neither staged nor committed"):
+        fn._commit_files(stats)

@@ -274,3 +274,23 @@ def test_a_chunk_starting_with_a_null_line_is_not_handed_to_pyarrow(path_kind):
     good, bad = _read(b"null\n" + GOOD + b"\n1\n" + GOOD + b"\n", "jsonl", _schema())
     assert sum(b.num_rows for b in good) == 2
     assert [(r.reason, r.location) for r in bad] == [("wrong_type", "line 1"), ("wrong_type", "line 3")]
+
+
+def test_a_reader_failing_mid_file_ends_in_a_read_error_with_an_unknown_count(monkeypatch):
+    """Any parser error class (not only ValueError) is caught: the rows read so far stay, the rest is one
+    read_error rejection whose count is unknown, and read_source itself never raises."""
+    import cloakbeam.transforms.ingest as ingest
+
+    real = ingest._read_chunk
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RecursionError("maximum recursion depth exceeded")
+        yield from real(*args, **kwargs)
+
+    monkeypatch.setattr(ingest, "_read_chunk", flaky)
+    good, bad = _read(b"".join(GOOD + b"\n" for _ in range(10)), "jsonl", _schema(), batch_size=4)
+    assert sum(b.num_rows for b in good) == 4
+    assert [(r.reason, r.records, r.records_from, r.detail) for r in bad] == [("read_error", 0, "unknown", "RecursionError")]
