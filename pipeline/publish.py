@@ -9,7 +9,7 @@ Batch runs on local outputs (direct and dask runners):
              complete output or the new complete output, never a mix.
 
 The staging directory is a sibling of OUT so that the final rename stays on one filesystem. When OUT is itself a
-mount point it cannot be renamed; staging then lives inside OUT (`OUT/.cloakbeam-staging-<run id>/`) and publishing
+mount point it cannot be renamed (and when its parent is not writable no sibling can be made); staging then lives inside OUT (`OUT/.cloakbeam-staging-<run id>/`) and publishing
 moves the entries one by one, manifest last (documented as not atomic). Where RENAME_EXCHANGE is unavailable the
 old tree is first renamed aside (`.<name>.cloakbeam-old-<run id>`): a crash between the two renames leaves no OUT,
 and the next run puts the old tree back before anything else.
@@ -100,7 +100,9 @@ def plan_output(final: str, run_id: str, overwrite: bool, in_place: bool = False
                 f"output directory {final} is not empty and holds no cloakbeam run (first entry: {strangers[0]}); "
                 "a run replaces its output directory as a whole, so choose a new or empty directory"
             )
-    mode = "inside" if os.path.isdir(final) and os.path.ismount(final) else "swap"
+    parent = os.path.dirname(os.path.normpath(final))
+    # A mount point cannot be renamed, and a sibling needs a writable parent: then stage inside OUT (not atomic).
+    mode = "inside" if os.path.isdir(final) and (os.path.ismount(final) or not os.access(parent, os.W_OK)) else "swap"
     staging = os.path.join(final, f"{STAGING_TAG}{run_id}") if mode == "inside" else _sibling(final, STAGING_TAG, run_id)
     os.makedirs(staging, mode=0o700)
     with open(os.path.join(staging, OWNER_NAME), "w", encoding="utf-8") as fh:

@@ -183,3 +183,19 @@ def test_a_streaming_window_commit_moves_its_staged_files_before_its_manifest(tm
     stats.files.append(FileStat("data/window=w/part-2.parquet", 1, 4, "0" * 64))
     with pytest.raises(IntegrityError, match="neither staged nor committed"):
         fn._commit_files(stats)
+
+
+def test_an_output_that_cannot_be_renamed_is_staged_inside_and_published_manifest_last(tmp_path, monkeypatch):
+    final = tmp_path / "out"
+    (final / "data").mkdir(parents=True)
+    (final / "data" / "old.parquet").write_text("old")
+    (final / "manifest.json").write_text("old")
+    monkeypatch.setattr(publish.os.path, "ismount", lambda p: str(p) == str(final))
+    plan = publish.plan_output(str(final), "r1", overwrite=True)
+    assert plan.mode == "inside" and Path(plan.staging).parent == final
+    (Path(plan.staging) / "data").mkdir()
+    (Path(plan.staging) / "data" / "new.parquet").write_text("new")
+    (Path(plan.staging) / "manifest.json").write_text("new")
+    publish.publish(plan)
+    assert sorted(p.relative_to(final).as_posix() for p in final.rglob("*") if p.is_file()) == ["data/new.parquet", "manifest.json"]
+    assert (final / "manifest.json").read_text() == "new"
