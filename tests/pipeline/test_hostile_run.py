@@ -30,7 +30,7 @@ def test_hostile_inputs_are_quarantined_and_the_run_reconciles(tmp_path, capsys)
         b'{"customer_id": "c1", "customer_id": "c2", "customer_id": "c3", "ssn": "' + SECRET.encode() + b'"}',
         json.dumps({**rows[0], "income": float("nan")}).encode(),
         json.dumps({**rows[1], "income": float("inf")}).encode(),
-        json.dumps({**rows[2], "full_name": "Zed\x00" + SECRET}).encode(),
+        json.dumps({**rows[2], "full_name": "Zed_Secret_person\x00" + SECRET}).encode(),
         json.dumps({**rows[3], "notes": SECRET + "x" * 300_000}).encode(),
     ]
     src = tmp_path / "in" / "hostile.jsonl"
@@ -80,4 +80,4 @@ def test_hostile_inputs_are_quarantined_and_the_run_reconciles(tmp_path, capsys)
     for root, _, files in os.walk(out):
         for f in files:
             blob = open(os.path.join(root, f), "rb").read()
-            assert SECRET.encode() not in blob and b"Zed" not in blob, f
+            assert SECRET.encode() not in blob and b"Zed_Secret_person" not in blob, f
