@@ -162,7 +162,7 @@ def _exchange(a: str, b: str) -> bool:
 def fail(plan: OutputPlan, exc: BaseException) -> None:
     """Discard the staging directory and record why the run failed, beside the output it did not replace."""
     if plan.staged:
-        shutil.rmtree(plan.staging, ignore_errors=True)
+        _remove_settled(plan.staging)
     if not fsio.is_local(plan.final):
         try:
             with fsio.atomic_writer(fsio.join(plan.final, FAILURE_NAME)) as w:
@@ -171,6 +171,24 @@ def fail(plan: OutputPlan, exc: BaseException) -> None:
             pass
         return
     write_failure(plan.final, failure_record(plan.run_id, exc))
+
+
+def _remove_settled(path: str, quiet_seconds: float = 1.0, limit_seconds: float = 15.0) -> None:
+    """Remove a staging directory and keep removing it until it stays gone for `quiet_seconds`: when a worker
+    process dies, its siblings may still be finishing a bundle and recreate files there for a moment."""
+    import time
+
+    deadline = time.monotonic() + limit_seconds
+    gone_since: float | None = None
+    while time.monotonic() < deadline:
+        if os.path.lexists(path):
+            shutil.rmtree(path, ignore_errors=True)
+            gone_since = None
+        elif gone_since is None:
+            gone_since = time.monotonic()
+        elif time.monotonic() - gone_since >= quiet_seconds:
+            return
+        time.sleep(0.1)
 
 
 def failure_record(run_id: str, exc: BaseException | None, reason: str | None = None) -> dict[str, Any]:
@@ -213,7 +231,9 @@ def recover_abandoned(final: str) -> list[str]:
             raise ConfigError(f"another run ({owner.get('run_id')}, process {owner.get('pid')}) is writing to {final}; wait for it or choose another --output")
         shutil.rmtree(path, ignore_errors=True)
         cleaned.append(run_id)
-        write_failure(final, failure_record(run_id, None, "the run did not finish (killed or crashed); its staged output was discarded"))
+        recorded = _read_json(os.path.join(final, FAILURE_NAME)) or {}
+        if recorded.get("run_id") != run_id:  # a run that failed and said why keeps its own record
+            write_failure(final, failure_record(run_id, None, "the run did not finish (killed or crashed); its staged output was discarded"))
     return cleaned
 
 

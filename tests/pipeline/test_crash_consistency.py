@@ -199,3 +199,27 @@ def test_an_output_that_cannot_be_renamed_is_staged_inside_and_published_manifes
     publish.publish(plan)
     assert sorted(p.relative_to(final).as_posix() for p in final.rglob("*") if p.is_file()) == ["data/new.parquet", "manifest.json"]
     assert (final / "manifest.json").read_text() == "new"
+
+
+def test_a_failed_runs_staging_recreated_by_a_late_worker_is_removed(tmp_path):
+    """When one worker dies its sibling may still write into the staging directory for a moment; the failure
+    path keeps removing it until it stays gone, and a leftover never overwrites the run's own failure record."""
+    import threading
+    import time as _time
+
+    plan = publish.plan_output(str(tmp_path / "o"), "r9", overwrite=False)
+
+    def late_writer() -> None:
+        _time.sleep(0.3)
+        os.makedirs(os.path.join(plan.staging, "data"), exist_ok=True)
+        Path(plan.staging, "data", "late.parquet").write_bytes(b"late")
+
+    t = threading.Thread(target=late_writer)
+    t.start()
+    publish.fail(plan, RuntimeError("worker died"))
+    t.join()
+    assert not Path(plan.staging).exists()
+    os.makedirs(os.path.join(plan.staging, "data"))  # a leftover after all: the next run removes it quietly
+    publish.recover_abandoned(str(tmp_path / "o"))
+    record = json.loads((tmp_path / "o" / publish.FAILURE_NAME).read_text())
+    assert record["run_id"] == "r9" and record["error"] == "RuntimeError"
