@@ -451,7 +451,7 @@ def _read_text(fh: BinaryIO, source: str, schema: InputSchema, batch_size: int, 
                     raise ValueError("header over max_record_bytes")
                 columns = next(csv.reader([raw.decode("utf-8")]))
                 header_line = raw if raw.endswith(b"\n") else raw + b"\n"
-                dups = sorted({c for c in columns if columns.count(c) > 1})
+                dups = _header_conflicts(columns)
                 if dups:
                     # Two columns of one name: which one is the field is ambiguous, so no line can be trusted.
                     reason, field = "duplicate_key", next((c for c in dups if c in schema.fields), None)
@@ -625,13 +625,27 @@ def _parse_csv_line(text: str, columns: list[str]) -> dict[str, Any]:
         raise _Invalid("malformed_csv", None)
     record: dict[str, Any] = {}
     for name, value in zip(columns, rows[0]):
-        # Dotted column names rebuild nested records; empty cells are nulls.
-        target = record
+        # Dotted column names rebuild nested records; empty cells are nulls. A name with an empty part ("", "a.")
+        # cannot name a schema field and is skipped; the header check has refused a name that is both a field and
+        # a record ("a" and "a.b"), so every part below is a mapping.
         parts = name.split(".")
+        if "" in parts:
+            continue
+        target = record
         for part in parts[:-1]:
             target = target.setdefault(part, {})
         target[parts[-1]] = None if value == "" else value
     return record
+
+
+def _header_conflicts(columns: list[str]) -> list[str]:
+    """Column names given twice, or given both as a field and as a record of dotted fields ("a" and "a.b")."""
+    from collections import Counter
+
+    counts = Counter(c for c in columns if "" not in c.split("."))  # names with an empty part are skipped anyway
+    names = set(counts)
+    prefixes = {".".join(c.split(".")[:i]) for c in names for i in range(1, c.count(".") + 1)}
+    return sorted({c for c, n in counts.items() if n > 1} | (names & prefixes))
 
 
 def _read_avro(fh: BinaryIO, source: str, schema: InputSchema, batch_size: int, limits: IngestLimits) -> Iterator[pa.RecordBatch | Rejected]:

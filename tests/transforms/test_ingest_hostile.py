@@ -294,3 +294,12 @@ def test_a_reader_failing_mid_file_ends_in_a_read_error_with_an_unknown_count(mo
     good, bad = _read(b"".join(GOOD + b"\n" for _ in range(10)), "jsonl", _schema(), batch_size=4)
     assert sum(b.num_rows for b in good) == 4
     assert [(r.reason, r.records, r.records_from, r.detail) for r in bad] == [("read_error", 0, "unknown", "RecursionError")]
+
+
+def test_csv_header_names_with_empty_parts_or_field_record_clashes(path_kind):
+    """Found by tests/fuzz/fuzz_csv.py: a header ',.' made the line parser raise TypeError (read_error, records
+    unknown). Empty-part names are skipped; 'inner' next to 'inner.code' names a field twice."""
+    good, bad = _read(b",.\n,\n,\n", "csv", _schema())
+    assert not good and [(r.reason, r.field) for r in bad] == [("missing_required", "id")] * 2
+    good, bad = _read(b"id,inner,inner.code\na,x,y\n", "csv", _schema())
+    assert not good and [(r.reason, r.field, r.records) for r in bad] == [("duplicate_key", "inner", 1)]
