@@ -7,7 +7,7 @@ Modes, each over N values pushed through the `tokenize` action in batches of --b
 - `prf_only`: token computation alone (HMAC-SHA256 with a precomputed key state `.copy()`), vs `hmac.new` per value.
 - `new`: N distinct values never seen before (vault writes: DEK wrap, AES-GCM, two inserts, blind-index check).
 - `repeated_cold`: the same N values again from a fresh worker (empty LRU): one blind-index lookup per batch.
-- `repeated_hot`: N values drawn from 50,000 distinct values the worker has already written (LRU hits).
+- `repeated_hot`: N values drawn from min(N, 50,000) distinct values the worker has already written (LRU hits).
 PostgreSQL: $CLOAKBEAM_BENCH_PG_DSN if set, else a throwaway local server (initdb/pg_ctl as in the tests).
 """
 
@@ -94,7 +94,7 @@ def bench_backend(name: str, ref: dict[str, Any], key_path: str, n: int, batch: 
     s = _run(action, ctx, col, batch)
     _emit(**common, mode="repeated_cold", seconds=round(s, 3), tokens_per_s=round(n / s), vault_rows=ctx.vault.count())
     ctx.close()
-    hot = 50_000
+    hot = min(50_000, n)  # distinct values the worker has already written; never more than were written
     ctx = _ctx(ref, key_path, cache=200_000)
     _run(action, ctx, col.slice(0, hot), batch)  # warm the worker's LRU
     idx = pa.array(np.random.default_rng(1).integers(0, hot, n))

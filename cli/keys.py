@@ -30,7 +30,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--protect", choices=("passphrase", "env-key", "dev"), default="passphrase",
                    help="how the local keyring's KEKs are protected (default passphrase from $CLOAKBEAM_KEYRING_PASSPHRASE)")
     p.add_argument("--env", default=None, metavar="VAR", help="environment variable holding the passphrase or raw key")
-    p.add_argument("--scrypt-n", type=int, default=2**15, help=argparse.SUPPRESS)
+    p.add_argument("--scrypt-n", type=int, default=None, help=argparse.SUPPRESS)  # tests only; default keys.keyring.DEFAULT_SCRYPT_N
     p.add_argument("--reveal-key", default=None, metavar="KEY|FILE",
                    help="the reveal service's public key(s) the pipeline seals to: its reveal keyring file, or [name:]base64 (required unless --protect dev)")
     p.set_defaults(func=cmd_init)
@@ -39,7 +39,7 @@ def register(subparsers: Any) -> None:
     _common(p)
     p.add_argument("--protect", choices=("passphrase", "env-key", "dev"), default="passphrase", help="how the reveal keyring is protected")
     p.add_argument("--env", default=None, metavar="VAR", help="environment variable holding the passphrase or raw key")
-    p.add_argument("--scrypt-n", type=int, default=2**15, help=argparse.SUPPRESS)
+    p.add_argument("--scrypt-n", type=int, default=None, help=argparse.SUPPRESS)  # tests only
     p.add_argument("--name", action="append", default=None, help="reveal key name(s) (default 'default'; e.g. one per sensitivity)")
     p.set_defaults(func=cmd_init_reveal)
 
@@ -141,7 +141,10 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise ConfigError("a pipeline keyring seals to the reveal service's public key: pass --reveal-key REVEAL_KEYRING_OR_BASE64 "
                           "(from 'cloakbeam keys init-reveal' on the reveal service)")
     try:
-        init_keyring(ref.path, provider=ref.provider, protection=args.protect, env=args.env, scrypt_n=args.scrypt_n, params=params, reveal_public_keys=reveal)
+        from cloakbeam.keys.keyring import DEFAULT_SCRYPT_N
+
+        init_keyring(ref.path, provider=ref.provider, protection=args.protect, env=args.env, scrypt_n=args.scrypt_n or DEFAULT_SCRYPT_N,
+                     params=params, reveal_public_keys=reveal)
     except KeyAccessError as exc:  # missing passphrase/token, unreachable KMS: nothing was written
         raise ConfigError(str(exc)) from None
     if args.protect == "dev" and ref.provider == "local":
@@ -156,7 +159,9 @@ def cmd_init_reveal(args: argparse.Namespace) -> int:
     ref, state = _ref(args, create_state=True)
     path = args.keyring or str(state / "reveal-keyring.json")
     try:
-        init_reveal_keyring(path, provider=ref.provider, protection=args.protect, env=args.env, scrypt_n=args.scrypt_n,
+        from cloakbeam.keys.keyring import DEFAULT_SCRYPT_N
+
+        init_reveal_keyring(path, provider=ref.provider, protection=args.protect, env=args.env, scrypt_n=args.scrypt_n or DEFAULT_SCRYPT_N,
                             params=dict(ref.params), names=tuple(args.name or ["default"]))
     except KeyAccessError as exc:
         raise ConfigError(str(exc)) from None

@@ -84,6 +84,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.beam_args = beam_args
+    verbose = bool(getattr(args, "verbose", False))
+    if not verbose:
+        # Runner threads (Beam's worker handlers) report their own failures with a traceback through
+        # threading.excepthook; the launcher turns the failure into one sentence, so keep those for --verbose.
+        import threading
+
+        threading.excepthook = lambda hook_args: None
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
@@ -95,6 +102,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cloakbeam: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # A file or device the command could not use (full disk, read-only path, missing directory): its path and
+        # the system's reason, never data. The traceback only with --verbose.
+        if verbose:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"cloakbeam: error: cannot use{where}: {exc.strerror or type(exc).__name__}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        # Not one of ours: its message may quote data, so only its class is printed.
+        if verbose:
+            raise
+        print(f"cloakbeam: error: unexpected {type(exc).__name__}; rerun with --verbose for the traceback", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -66,7 +66,7 @@ def _common_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", dest="input_format", choices=("jsonl", "csv", "avro", "parquet"), default=None, help="input format (default: from the file extension)")
     p.add_argument("--state-dir", default=None, help="local state directory (default ./.cloakbeam or $CLOAKBEAM_STATE_DIR)")
     p.add_argument("--config", default=None, metavar="FILE", help="YAML config naming state_dir, keys (KMS) and vault (PostgreSQL DSN env var)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in the output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a complete earlier run in the output directory as a whole (published atomically on local outputs)")
     p.add_argument("--dev", action="store_true", help="development only: create an UNPROTECTED dev keyring pair in the state dir when none is configured")
     p.add_argument("--dask-address", default=None, help="dask scheduler address (runner dask); without it a LocalCluster is started")
     p.add_argument("--workers", type=int, default=None, help="worker processes for local clusters")

@@ -17,8 +17,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cloakbeam.errors import ConfigError
 
 DEFAULT_STATE_DIR = ".cloakbeam"
@@ -65,12 +63,9 @@ def new_run_id() -> str:
 def load_config_file(path: str | None) -> dict[str, Any]:
     if not path:
         return {}
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    except yaml.YAMLError:
-        raise ConfigError(f"config file {path} is not valid YAML") from None
+    from cloakbeam.core.safeyaml import read_yaml_file
+
+    _, data = read_yaml_file(Path(path), what="config file")
     if data is None:
         return {}
     if not isinstance(data, dict):

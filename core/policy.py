@@ -98,6 +98,8 @@ class CompiledPolicy:
     unmentioned: list[str] = field(default_factory=list)  # leaf paths dropped by default deny
     sections: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    #: The policy file's text as read (what `content_hash` is the SHA-256 of); None for a policy built in code.
+    text: str | None = None
     #: Checks run on every input batch before protection: fn(columns by leaf path, ctx) -> None; they raise
     #: (fail closed) or count into ctx.stats. Section compilers append to this list.
     checks: list[Callable[[Mapping[str, pa.Array], Any], None]] = field(default_factory=list)

@@ -11,7 +11,9 @@ A keyring file (JSON, mode 0600, refused when group/others can read it) holds:
 
 Protection of the KEK material (`protection.mode`):
 - `passphrase`: scrypt(passphrase from the env var named in `protection.env`, default
-  CLOAKBEAM_KEYRING_PASSPHRASE) -> 32-byte key;
+  CLOAKBEAM_KEYRING_PASSPHRASE) -> 32-byte key; new keyrings use N = 2^17, r = 8, p = 1 (OWASP's scrypt
+  minimum) and the parameters are recorded in the file, so keyrings made with other N still open. A new
+  passphrase must pass `check_passphrase` (length and estimated entropy);
 - `env-key`: a raw 32-byte key, base64 or hex, from the env var named in `protection.env`
   (default CLOAKBEAM_KEYRING_KEY);
 - `dev`: no protection, only with an explicit `"dev": true`; opening it logs a warning. Zero-setup demos only.
@@ -42,7 +44,11 @@ FORMAT = "cloakbeam-keyring"
 FORMAT_VERSION = 2
 DEFAULT_PASSPHRASE_ENV = "CLOAKBEAM_KEYRING_PASSPHRASE"
 DEFAULT_KEY_ENV = "CLOAKBEAM_KEYRING_KEY"
-DEFAULT_SCRYPT_N = 2**15
+DEFAULT_SCRYPT_N = 2**17
+#: The passphrase floor for new keyrings: at least this many characters and this many estimated bits.
+MIN_PASSPHRASE_CHARS = 12
+MIN_PASSPHRASE_BITS = 60
+_COMMON = ("password", "passphrase", "passw0rd", "cloakbeam", "qwerty", "letmein", "changeme", "secret", "admin", "welcome", "123456", "abcdef")
 _log = logging.getLogger("cloakbeam.keys")
 _warned_dev: set[str] = set()
 
@@ -111,6 +117,46 @@ def new_protection(mode: str, env: str | None = None, scrypt_n: int = DEFAULT_SC
     if mode == "env-key":
         return {"mode": "env-key", "env": env or DEFAULT_KEY_ENV}
     raise ConfigError(f"unknown keyring protection '{mode}'; use passphrase, env-key or dev")
+
+
+def passphrase_bits(secret: str) -> float:
+    """A conservative entropy estimate: length x log2(size of the character classes used), where runs of one
+    character and repeated chunks count once (so 'aaaaaaaaaaaaaaaa' or 'abcabcabcabc' score low)."""
+    import math
+    import re
+
+    pool = 0
+    for present, size in ((re.search(r"[a-z]", secret), 26), (re.search(r"[A-Z]", secret), 26), (re.search(r"[0-9]", secret), 10),
+                          (re.search(r"[ -/:-@\[-`{-~]", secret), 33), (re.search(r"[^\x00-\x7f]", secret), 100)):
+        if present:
+            pool += size
+    squeezed = re.sub(r"(.+?)\1+", r"\1", secret)  # repeated characters or chunks count once
+    return len(squeezed) * math.log2(max(pool, 2))
+
+
+def check_new_passphrase(protection: str, env: str | None) -> None:
+    """For a keyring about to be created with passphrase protection: refuse a weak passphrase (a missing one is
+    refused later, when the protection key is derived). Both keyrings use it: the pipeline's and the reveal's."""
+    if protection != "passphrase":
+        return
+    name = env or DEFAULT_PASSPHRASE_ENV
+    phrase = os.environ.get(name)
+    if phrase:
+        check_passphrase(phrase, name)
+
+
+def check_passphrase(secret: str, env: str) -> None:
+    """Refuse a weak passphrase for a new keyring with a sentence (never quoting it)."""
+    lowered = secret.lower()
+    if len(secret) < MIN_PASSPHRASE_CHARS:
+        raise ConfigError(f"the passphrase in {env} is shorter than {MIN_PASSPHRASE_CHARS} characters; use a long passphrase (several random words)")
+    rest = lowered
+    for word in _COMMON:
+        rest = rest.replace(word, "")
+    if rest != lowered and passphrase_bits(rest) < MIN_PASSPHRASE_BITS:
+        raise ConfigError(f"the passphrase in {env} is built on a common password; use several random words")
+    if passphrase_bits(secret) < MIN_PASSPHRASE_BITS:
+        raise ConfigError(f"the passphrase in {env} is too easy to guess (under {MIN_PASSPHRASE_BITS} bits by length and character variety); use several random words")
 
 
 def protection_key(doc: dict[str, Any], where: str) -> bytes | None:

@@ -316,6 +316,8 @@ def init_reveal_keyring(
     if p.exists():
         raise ConfigError(f"reveal keyring {p} already exists")
     ref = KeyRef(provider=provider, path=str(p), params=tuple(sorted((params or {}).items())))
+    if provider == "local":
+        _kr.check_new_passphrase(protection, env)
     doc: dict[str, Any] = {
         "format": _kr.FORMAT,
         "version": _kr.FORMAT_VERSION,

@@ -585,6 +585,8 @@ def init_keyring(
     if p.exists():
         raise ConfigError(f"keyring {p} already exists; use 'cloakbeam keys rotate' to add a key version")
     ref = KeyRef(provider=provider, path=str(p), params=tuple(sorted((params or {}).items())))
+    if provider == "local":
+        _kr.check_new_passphrase(protection, env)
     doc: dict[str, Any] = {
         "format": _kr.FORMAT,
         "version": _kr.FORMAT_VERSION,

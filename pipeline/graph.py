@@ -3,6 +3,10 @@
 `run_pipeline(settings)` is what `cloakbeam run` and `cloakbeam demo` call: it validates everything at
 construction (schema, policy, options, keys), runs the graph on the chosen runner, then assembles, checks and
 signs the manifest from the RunStats the workers emitted. It fails loudly when the counts do not reconcile.
+
+Local outputs are crash-consistent (pipeline/publish.py): the graph writes into a staging directory
+(`PreparedRun.out_dir`) that is published as `PreparedRun.final_dir` in one step after the manifest is signed;
+a failed run leaves the previous output untouched plus `OUT/.cloakbeam-failure.json`.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from cloakbeam.core.config import (
     resolve_state_dir,
     vault_ref_from,
 )
-from cloakbeam.errors import ConfigError, KeyAccessError
+from cloakbeam.errors import CloakbeamError, ConfigError, KeyAccessError
+from cloakbeam.pipeline import publish as _publish
 from cloakbeam.pipeline.manifest import build_manifest, check_reconciled, write_manifest
 from cloakbeam.pipeline.report import write_report
 from cloakbeam.schemas.avro import load_schema
@@ -65,8 +70,10 @@ class PreparedRun:
     settings: RunSettings
     policy: CompiledPolicy
     runtime: RuntimeConfig
-    out_dir: str
+    out_dir: str  # where the graph writes: the staging directory for local batch outputs
     stats_path: str
+    final_dir: str = ""  # where the output is published (the user's --output)
+    plan: _publish.OutputPlan | None = None
 
 
 def prepare(settings: RunSettings) -> PreparedRun:
@@ -87,7 +94,8 @@ def prepare(settings: RunSettings) -> PreparedRun:
     keys = key_ref_from(config, state)
     vault = vault_ref_from(config, state)
     out_dir = settings.output if not fsio.is_local(settings.output) else os.path.abspath(settings.output)
-    _prepare_output(out_dir, settings.overwrite, resume=bool(settings.runner_options.get("streaming")))
+    streaming = bool(settings.runner_options.get("streaming"))
+    _check_output(out_dir, settings.inputs, settings.overwrite, streaming)
     _ensure_keys(keys, settings.dev)
     runtime = RuntimeConfig(run_id=new_run_id(), dataset_id=policy.dataset, state_dir=str(state), keys=keys, vault=vault)
     # Fail at construction, not mid-run, when keys cannot be opened.
@@ -108,8 +116,12 @@ def prepare(settings: RunSettings) -> PreparedRun:
     from cloakbeam.runners import check_runner_compatibility
 
     check_runner_compatibility(settings.runner, runtime, settings.runner_options, output=out_dir)
-    stats_path = fsio.join(out_dir, STATS_DIR, f"{runtime.run_id}.stats")
-    return PreparedRun(settings, policy, runtime, out_dir, stats_path)
+    # Last, once nothing else can refuse the run: clean up after killed runs and create the staging directory.
+    # A streaming run resumes into its output: file and window-manifest names are deterministic, so a restart
+    # rewrites the same files instead of adding duplicates (pipeline/streaming.py stages per window).
+    plan = _publish.plan_output(out_dir, runtime.run_id, settings.overwrite, in_place=streaming)
+    stats_path = fsio.join(plan.staging, STATS_DIR, f"{runtime.run_id}.stats")
+    return PreparedRun(settings, policy, runtime, plan.staging, stats_path, final_dir=plan.final, plan=plan)
 
 
 def _ensure_keys(keys: Any, dev: bool) -> None:
@@ -218,23 +230,16 @@ def _check_evaluation(settings: RunSettings, policy: CompiledPolicy) -> None:
         _check_inputs(settings.holdout)
 
 
-def _prepare_output(out_dir: str, overwrite: bool, resume: bool = False) -> None:
+def _check_output(out_dir: str, inputs: Sequence[str], overwrite: bool, streaming: bool) -> None:
+    """Refuse an output that would swallow an input: publishing replaces the output directory as a whole."""
     if not fsio.is_local(out_dir):
         return
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError(f"output {out_dir} exists and is not a directory")
-    if resume and not overwrite:
-        # A streaming run resumes into its output: file and window-manifest names are deterministic, so a
-        # restart rewrites the same files instead of adding duplicates (pipeline/streaming.py).
-        os.makedirs(out_dir, exist_ok=True)
-        return
-    existing = [n for n in ("data", "quarantine", "manifest.json", "manifests", "report.html") if os.path.exists(os.path.join(out_dir, n))]
-    if existing and not overwrite:
-        raise ConfigError(f"output directory {out_dir} already holds a run ({existing[0]}); choose another --output or pass --overwrite")
-    for n in existing:
-        p = os.path.join(out_dir, n)
-        shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p)
-    os.makedirs(out_dir, exist_ok=True)
+    root = os.path.realpath(out_dir) + os.sep
+    for pattern in inputs:
+        if fsio.is_local(pattern) and os.path.realpath(pattern.split("*", 1)[0] or ".").startswith(root) and not streaming:
+            raise ConfigError(f"input {pattern} lies inside the output directory {out_dir}; a run replaces its output directory, so keep inputs elsewhere")
 
 
 def build_graph(p: Any, run: PreparedRun) -> None:
@@ -245,7 +250,7 @@ def build_graph(p: Any, run: PreparedRun) -> None:
     from cloakbeam.transforms.steps import CollectRunStats, ProtectRecords, ReadRecords, WriteTrainingParquet
 
     s = run.settings
-    records = p | "ReadRecords" >> ReadRecords(s.inputs, run.policy.schema, run.out_dir, run.runtime, s.batch_size, s.input_format)
+    records = p | "ReadRecords" >> ReadRecords(s.inputs, run.policy.schema, run.out_dir, run.runtime, s.batch_size, s.input_format, run.policy.sections.get("limits"))
     protected = records | "ProtectRecords" >> ProtectRecords(run.policy, run.runtime, run.out_dir)
     kanon = run.policy.sections.get("k_anonymity")
     if kanon is not None:
@@ -269,7 +274,61 @@ def _evidence_branches(records: Any, run: PreparedRun) -> list[Any]:
 
 
 def run_pipeline(settings: RunSettings) -> dict[str, Any]:
-    """Run one batch job end to end and return the written manifest (as a dict)."""
+    """Run one batch job end to end, publish its output and return the written manifest (as a dict)."""
+    if settings.runner_options.get("streaming"):
+        from cloakbeam.pipeline.streaming import run_streaming
+
+        return run_streaming(settings)
+    run = prepare(settings)
+    try:
+        manifest = _execute(run, settings)
+    except BaseException as exc:
+        if run.plan is not None:
+            _publish.fail(run.plan, exc)
+        raise
+    if run.plan is not None:
+        _publish.publish(run.plan)
+    note_unreadable(manifest)
+    return manifest
+
+
+def runner_failure(runner: str, output: str, exc: BaseException) -> CloakbeamError:
+    """One sentence for a run that failed inside the runner with a foreign exception (a worker process killed,
+    a database or network error in a step). Only the class is named: a foreign message may quote data."""
+    reason = _system_reason(exc)
+    what = f"{type(exc).__name__}: {reason}" if reason else f"{type(exc).__name__}: a worker process died or a step raised"
+    return CloakbeamError(
+        f"the {runner} runner failed ({what}); nothing was published to {output}, "
+        "which keeps its previous content; rerun the same command to replace it (details with --verbose)"
+    )
+
+
+def _system_reason(exc: BaseException) -> str | None:
+    """The operating system's reason (e.g. 'No space left on device') behind a runner failure, if there is one.
+
+    Beam re-raises a step's OSError as a RuntimeError carrying the original text; the errno is taken from the
+    exception chain or from that text and turned back into the system's own wording, so nothing else is quoted."""
+    import re
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return os.strerror(seen.errno)
+        seen = seen.__cause__ or seen.__context__
+    match = re.search(r"\[Errno (\d+)\]", str(exc))
+    return os.strerror(int(match.group(1))) if match else None
+
+
+def note_unreadable(manifest: dict[str, Any]) -> None:
+    """One stderr line when damaged inputs hid their record count (listed under 'unreadable'): never silent."""
+    if manifest.get("unreadable"):
+        import sys
+
+        print(f"cloakbeam: {len(manifest['unreadable'])} damaged input region(s) could not be counted; see 'unreadable' in the manifest", file=sys.stderr)
+
+
+def _execute(run: PreparedRun, settings: RunSettings) -> dict[str, Any]:
+    """Run the graph into `run.out_dir` and write, sign and check the manifest there (not yet published)."""
     import dataclasses
 
     import apache_beam as beam
@@ -277,11 +336,6 @@ def run_pipeline(settings: RunSettings) -> dict[str, Any]:
     from cloakbeam.core.progress import ProgressListener
     from cloakbeam.runners import make_runner
 
-    if settings.runner_options.get("streaming"):
-        from cloakbeam.pipeline.streaming import run_streaming
-
-        return run_streaming(settings)
-    run = prepare(settings)
     started = dt.datetime.now(dt.timezone.utc)
     with ProgressListener(enabled=settings.progress) as progress:
         if fsio.is_local(run.out_dir) and settings.runner in ("direct", "dask"):
@@ -290,8 +344,13 @@ def run_pipeline(settings: RunSettings) -> dict[str, Any]:
         with runner.session() if hasattr(runner, "session") else _nullcontext():
             p = beam.Pipeline(runner=runner.beam_runner if hasattr(runner, "beam_runner") else runner, options=options)
             build_graph(p, run)
-            result = p.run()
-            result.wait_until_finish()
+            try:
+                result = p.run()
+                result.wait_until_finish()
+            except (CloakbeamError, KeyboardInterrupt):
+                raise
+            except Exception as exc:
+                raise runner_failure(settings.runner, run.final_dir or run.out_dir, exc) from exc
     finished = dt.datetime.now(dt.timezone.utc)
     stats = _load_stats(run.stats_path)
     _check_release(run, stats)
@@ -332,7 +391,8 @@ def _attach_evaluation(manifest: dict[str, Any], run: PreparedRun) -> None:
 
 def _check_release(run: PreparedRun, stats: Any) -> None:
     """Checks on the whole release that only the end of the run can make (the uniqueness scan). A failed check
-    withdraws the release: its data files are removed, no manifest is written, and the run fails."""
+    withholds the release and fails the run: a staged output is never published (the previous complete output,
+    if any, stays); an output written in place (object stores) has its data files removed and gets no manifest."""
     from cloakbeam.transforms.uniqueness import UniquenessRiskError
 
     scan = run.policy.sections.get("uniqueness")
@@ -341,6 +401,8 @@ def _check_release(run: PreparedRun, stats: Any) -> None:
     try:
         scan.check(stats)
     except UniquenessRiskError as exc:
+        if run.plan is not None and run.plan.staged:
+            raise UniquenessRiskError(f"{exc}. The release was withheld: nothing was published, no manifest written") from None
         removed = _withdraw(run.out_dir, [f.path for f in stats.files if f.kind == "data"])
         raise UniquenessRiskError(f"{exc}. The release was withdrawn: {removed} data file(s) removed, no manifest written") from None
 

@@ -49,9 +49,36 @@ def field_report(policy: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
+def unreadable_regions(stats: RunStats) -> list[dict[str, Any]]:
+    """Damaged regions of the inputs whose record count is unknown (a truncated Parquet footer, a damaged Avro
+    header or block count, a reader that failed mid-file). Their records are in no count: listed, never silent."""
+    out = []
+    for path, info in sorted(stats.inputs.items()):
+        for d in info.get("damaged", []):
+            if d.get("records") == "unknown":
+                out.append({"path": path, "location": d["location"], "reason": d["reason"], "records": "unknown"})
+    return out
+
+
+def limits_report(policy: Any) -> dict[str, Any]:
+    """The limits in force for this run: per-record caps (policy `limits`) and the fixed document caps."""
+    from cloakbeam.core.limits import MAX_YAML_BYTES, MAX_YAML_DEPTH, IngestLimits
+
+    record = policy.sections.get("limits") or IngestLimits()
+    return {**record.to_json(), "max_yaml_bytes": MAX_YAML_BYTES, "max_yaml_depth": MAX_YAML_DEPTH}
+
+
 def reconcile(counts: dict[str, int], stats: RunStats) -> list[str]:
-    """Every way the counts fail to add up, as sentences; empty when they reconcile."""
+    """Every way the counts fail to add up, as sentences; empty when they reconcile.
+
+    `input` counts the records that could be counted. A damaged region whose count is unknown adds nothing to
+    any count: it is declared in its input's `damaged` list with records "unknown", listed in the manifest's
+    `unreadable` section and has a quarantine entry counting 0 records, so it is accounted for, never silent."""
     problems = []
+    for path, info in sorted(stats.inputs.items()):
+        known = sum(int(d["records"]) for d in info.get("damaged", []) if d.get("records") != "unknown")
+        if known > int(info.get("records", 0)):
+            problems.append(f"input {path}: damaged regions hold {known} records but the file counts {info.get('records', 0)}")
     total = counts["written"] + counts["quarantined"] + counts["suppressed"]
     if counts["input"] != total:
         problems.append(
@@ -102,6 +129,8 @@ def build_manifest(
         "dropped_by_default_deny": list(policy.unmentioned),
         "counts": counts,
         "quarantine_reasons": dict(sorted(stats.reasons.items())),
+        "unreadable": unreadable_regions(stats),
+        "limits": limits_report(policy),
         "outputs": [f.to_json() for f in stats.files if f.kind == "data"],
         "quarantine": [f.to_json() for f in stats.files if f.kind == "quarantine"],
         "field_stats": dict(sorted(stats.fields.items())),
@@ -113,6 +142,13 @@ def build_manifest(
         manifest["extra"] = stats.extra
     problems = reconcile(counts, stats)
     manifest["reconciled"] = not problems
+    if manifest["unreadable"]:
+        n = len(manifest["unreadable"])
+        files = len({u["path"] for u in manifest["unreadable"]})
+        manifest["reconciliation_note"] = (
+            f"{n} damaged region(s) in {files} input file(s) hide their record count; they are quarantined and listed under "
+            "'unreadable', and the counts cover every record that could be counted"
+        )
     if problems:
         manifest["reconciliation_problems"] = problems
     return manifest

@@ -10,6 +10,11 @@ Parquet files and a per-window manifest.
                                         -> per window (accumulating panes) one merged RunStats
                                         -> OUT/manifests/window=<start>-<end>.json, rewritten atomically per pane
 
+Files are written under OUT/.cloakbeam-window-staging/ and moved into place by the step that commits their window,
+just before it writes the window manifest: the visible tree holds committed windows only (plus, for a moment,
+the files of the window being committed), and a crashed run leaves its uncommitted files in the hidden staging
+directory, where a restart overwrites them under the same names.
+
 Restarting on the same input produces the same files, not more: a file's event time is its modification time
 (so it lands in the same window again), batch ids derive from the file's path and content digest, and every
 file and window manifest is written under a deterministic name with an atomic replace. A window is committed
@@ -44,6 +49,7 @@ from cloakbeam.transforms.steps import _MergeStats
 
 MANIFESTS_DIR = "manifests"
 SEEN_DIR = "_seen"  # the source's ledger of every file it produced
+WINDOW_STAGING = ".cloakbeam-window-staging"  # files written but not yet committed by a window manifest
 
 
 @dataclass(frozen=True)
@@ -178,11 +184,28 @@ def _windowing(opts: StreamOptions, accumulating: bool) -> beam.WindowInto:
 class _WindowManifestFn(beam.DoFn):
     """Write one window's manifest (cumulative over its panes) to OUT/manifests/<label>.json, atomically."""
 
-    def __init__(self, out_dir: str, policy_ref: Any, runtime: Any, runner: str) -> None:
+    def __init__(self, out_dir: str, policy_ref: Any, runtime: Any, runner: str, staging: str | None = None) -> None:
         self.out_dir = out_dir
         self.policy_ref = policy_ref
         self.runtime = runtime
         self.runner = runner
+        self.staging = staging  # where the window's files were written (local outputs); None = in place
+
+    def _commit_files(self, stats: RunStats) -> None:
+        """Move this window's staged files into place (os.replace, atomic per file); files an earlier pane
+        committed are already there. Runs before the window manifest is written, so the manifest only ever
+        names files that are in place."""
+        if self.staging is None:
+            return
+        for f in stats.files:
+            src, dst = os.path.join(self.staging, f.path), os.path.join(self.out_dir, f.path)
+            if os.path.exists(src):
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                os.replace(src, dst)
+            elif not os.path.exists(dst):
+                from cloakbeam.errors import IntegrityError
+
+                raise IntegrityError(f"window file {f.path} is neither staged nor committed; rerun the window")
 
     def setup(self) -> None:
         from cloakbeam.keys.service import open_key_service
@@ -225,6 +248,7 @@ class _WindowManifestFn(beam.DoFn):
             "timing": {0: "EARLY", 1: "ON_TIME", 2: "LATE"}.get(getattr(pane, "timing", 3), "UNKNOWN"),
         }
         manifest.pop("seconds", None)
+        self._commit_files(stats)
         path = fsio.join(self.out_dir, MANIFESTS_DIR, f"{label}.json")
         with fsio.atomic_writer(path) as w:
             w.write(json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n")
@@ -288,6 +312,9 @@ class ProtectWindowed(beam.PTransform):
 
         run, s = self.run, self.run.settings
         schema = run.policy.schema
+        # Local outputs: every file goes to the hidden staging directory; the window commit moves it into place.
+        staging = fsio.join(run.out_dir, WINDOW_STAGING) if fsio.is_local(run.out_dir) else None
+        out = staging or run.out_dir
         records = (
             paths
             | "Window" >> _windowing(self.opts, accumulating=False)
@@ -295,9 +322,9 @@ class ProtectWindowed(beam.PTransform):
             | "OncePerWindow" >> beam.GroupByKey()
             | "Path" >> beam.Map(lambda kv: kv[0])
             | "Open" >> fileio.ReadMatches()
-            | "Parse" >> beam.ParDo(_ReadFileFn(schema.avro, schema.source, s.input_format, s.batch_size, run.out_dir, run.runtime))
+            | "Parse" >> beam.ParDo(_ReadFileFn(schema.avro, schema.source, s.input_format, s.batch_size, out, run.runtime, run.policy.sections.get("limits")))
         )
-        protected = records | "ProtectRecords" >> ProtectRecords(run.policy, run.runtime, run.out_dir)
+        protected = records | "ProtectRecords" >> ProtectRecords(run.policy, run.runtime, out)
         kanon = run.policy.sections.get("k_anonymity")
         if kanon is not None:
             protected = (
@@ -305,12 +332,12 @@ class ProtectWindowed(beam.PTransform):
                 | "EnforceKAnonymity" >> kanon.streaming_transform(run.runtime)
                 | "WindowBatchIds" >> beam.ParDo(_WindowBatchIdFn(s.batch_size))
             )
-        written = protected | "WriteTrainingParquet" >> WriteTrainingParquet(run.out_dir, run.runtime, run.policy)
+        written = protected | "WriteTrainingParquet" >> WriteTrainingParquet(out, run.runtime, run.policy)
         return (
             written
             | "WindowStats" >> _windowing(self.opts, accumulating=True)
             | "MergeWindowStats" >> beam.CombineGlobally(_MergeWindowStats()).without_defaults()
-            | "CommitWindow" >> beam.ParDo(_WindowManifestFn(run.out_dir, PolicyRef.of(run.policy), run.runtime, s.runner))
+            | "CommitWindow" >> beam.ParDo(_WindowManifestFn(run.out_dir, PolicyRef.of(run.policy), run.runtime, s.runner, staging))
         )
 
 
@@ -403,7 +430,8 @@ def run_streaming(settings: Any) -> dict[str, Any]:
     """Run the streaming graph on a streaming-capable runner until the watch ends (local runs: --watch-seconds),
     then write OUT/manifest.json summarizing every committed window. On production runners the job does not
     end; the per-window manifests are the record."""
-    from cloakbeam.pipeline.graph import _attach_key_records, _nullcontext, _sign, prepare
+    from cloakbeam.pipeline import publish as _publish
+    from cloakbeam.pipeline.graph import _attach_key_records, _nullcontext, _sign, note_unreadable, prepare
     from cloakbeam.pipeline.manifest import build_manifest, check_reconciled, write_manifest
     from cloakbeam.runners import make_runner
 
@@ -414,10 +442,16 @@ def run_streaming(settings: Any) -> dict[str, Any]:
     opts = stream_options_for(run.policy, opts_in)
     started = dt.datetime.now(dt.timezone.utc)
     runner, options = make_runner(settings.runner, settings.beam_args, opts_in)
-    with runner.session() if hasattr(runner, "session") else _nullcontext():
-        p = beam.Pipeline(runner=runner.beam_runner, options=options)
-        build_streaming_graph(p, run, opts)
-        p.run().wait_until_finish()
+    try:
+        with runner.session() if hasattr(runner, "session") else _nullcontext():
+            p = beam.Pipeline(runner=runner.beam_runner, options=options)
+            build_streaming_graph(p, run, opts)
+            p.run().wait_until_finish()
+    except BaseException as exc:
+        # Committed windows stay (each is complete); uncommitted files stay hidden in the staging directory.
+        if run.plan is not None:
+            _publish.fail(run.plan, exc)
+        raise
     finished = dt.datetime.now(dt.timezone.utc)
     windows = read_window_manifests(run.out_dir)
     stats = stats_from_window_manifests(windows)
@@ -442,4 +476,12 @@ def run_streaming(settings: Any) -> dict[str, Any]:
 
     write_report(run.out_dir, manifest)
     check_reconciled(manifest)
+    if fsio.is_local(run.out_dir):
+        import shutil
+
+        shutil.rmtree(os.path.join(run.out_dir, WINDOW_STAGING), ignore_errors=True)  # only uncommitted leftovers
+        stale = os.path.join(run.out_dir, _publish.FAILURE_NAME)
+        if os.path.exists(stale):
+            os.unlink(stale)  # this run completed: an earlier failure record no longer describes the output
+    note_unreadable(manifest)
     return manifest

@@ -44,6 +44,10 @@ class FieldInfo:
     is_record: bool = False
     avro_type: Any = None
     source_name: str | None = None  # the name in the input files when it is not a valid Avro name (CSV headers)
+    #: `cloakbeam.allowNonFinite: true` on a float/double field (or array of them): NaN and +-Infinity pass.
+    allow_non_finite: bool = False
+    #: `cloakbeam.allowControlCharacters: true` on a string field (or array of strings): C0 controls pass.
+    allow_control_characters: bool = False
 
     @property
     def name(self) -> str:
@@ -88,10 +92,32 @@ def load_schema(path: str | Path) -> InputSchema:
     except OSError as exc:
         raise SchemaError(f"cannot read schema file {p}: {exc.strerror}") from None
     try:
-        avro = json.loads(text)
+        avro = json.loads(text, object_pairs_hook=_unique_keys)
+    except _RepeatedKey as exc:
+        raise SchemaError(f"schema file {p} repeats the key '{exc.key}' in one object; each key may appear once") from None
     except json.JSONDecodeError as exc:
         raise SchemaError(f"schema file {p} is not valid JSON (line {exc.lineno}, column {exc.colno})") from None
-    return schema_from_dict(avro, source=str(p))
+    except RecursionError:
+        raise SchemaError(f"schema file {p} is nested too deeply to read") from None
+    try:
+        return schema_from_dict(avro, source=str(p))
+    except RecursionError:
+        raise SchemaError(f"schema file {p} is nested too deeply to read") from None
+
+
+class _RepeatedKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__("repeated key")
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _RepeatedKey(k)
+        out[k] = v
+    return out
 
 
 def schema_from_dict(avro: dict[str, Any], source: str = "<inline>") -> InputSchema:
@@ -182,6 +208,16 @@ def _convert_field(f: dict[str, Any], prefix: str, index: dict[str, FieldInfo], 
     max_len = f.get("cloakbeam.maxLength")
     if max_len is None and pa.types.is_string(arrow_type):
         max_len = DEFAULT_MAX_STRING_BYTES
+    leaf_type = arrow_type.value_type if pa.types.is_list(arrow_type) else arrow_type
+    allow_nf = f.get("cloakbeam.allowNonFinite", False)
+    allow_cc = f.get("cloakbeam.allowControlCharacters", False)
+    for key, value, ok in (("cloakbeam.allowNonFinite", allow_nf, pa.types.is_floating(leaf_type)),
+                           ("cloakbeam.allowControlCharacters", allow_cc, pa.types.is_string(leaf_type))):
+        if not isinstance(value, bool):
+            raise SchemaError(f"schema {source}: field '{path}': '{key}' must be true or false")
+        if value and not ok:
+            kind = "float or double" if key == "cloakbeam.allowNonFinite" else "string"
+            raise SchemaError(f"schema {source}: field '{path}': '{key}' applies to {kind} fields (or arrays of them) only")
     index[path] = FieldInfo(
         path=path,
         arrow_type=arrow_type,
@@ -191,6 +227,8 @@ def _convert_field(f: dict[str, Any], prefix: str, index: dict[str, FieldInfo], 
         is_record=is_record,
         avro_type=inner,
         source_name=f.get("cloakbeam.source_name"),
+        allow_non_finite=allow_nf,
+        allow_control_characters=allow_cc,
     )
     return pa.field(name, arrow_type, nullable=nullable)
 

@@ -173,3 +173,47 @@ def tokenize_worker(
 
         out.put({"__error__": f"{exc.__class__.__name__}: {traceback.format_exc()[-1500:]}"})
         raise
+
+
+class DedicatedPostgres:
+    """A PostgreSQL server of one's own (for fault tests that restart it), on loopback, removed by `close()`."""
+
+    def __init__(self) -> None:
+        initdb, self.pg_ctl = pg_bin("initdb"), pg_bin("pg_ctl")
+        if not initdb or not self.pg_ctl:
+            pytest.skip("no PostgreSQL binaries (initdb, pg_ctl) found; apt-get install postgresql")
+        self.root = Path(tempfile.mkdtemp(prefix="cloakbeam-pg-fault-"))
+        self.data, sock = self.root / "data", self.root / "sock"
+        sock.mkdir()
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres", "postgres")
+            shutil.chown(sock, "postgres", "postgres")
+        self.port = _free_port()
+        subprocess.run(_as_postgres([initdb, "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]),
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._opts = f"-p {self.port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50"
+        self.start()
+        self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _ctl(self, *args: str) -> None:
+        subprocess.run(_as_postgres([self.pg_ctl, "-D", str(self.data), *args]), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def start(self) -> None:
+        self._ctl("-o", self._opts, "-l", str(self.root / "server.log"), "-w", "-t", "60", "start")
+
+    def restart(self) -> None:
+        """Stop at once (every connection is cut, as in a crash) and start again."""
+        self._ctl("-m", "immediate", "-w", "stop")
+        self.start()
+
+    def database(self) -> str:
+        import psycopg
+
+        name = "cb_fault_" + uuid.uuid4().hex[:10]
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return _with_db(self.dsn, name)
+
+    def close(self) -> None:
+        subprocess.run(_as_postgres([self.pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop"]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -23,9 +23,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cloakbeam.core.policy import CORE_KEYS, POLICY_VERSION, CompiledPolicy, policy_files, registered_sections
+from cloakbeam.core.safeyaml import read_yaml_file
 from cloakbeam.errors import PolicyError
 from cloakbeam.schemas.avro import FieldInfo, InputSchema
 from cloakbeam.transforms.registry import Action, get_action
@@ -34,6 +33,7 @@ __all__ = ["CompiledPolicy", "compile_policy", "load_policy", "SECTION_MODULES"]
 
 #: Modules that own a policy section (they call `cloakbeam.core.policy.register_section` when imported).
 SECTION_MODULES = (
+    "cloakbeam.transforms.ingest",  # limits
     "cloakbeam.transforms.classify",
     "cloakbeam.transforms.kanon",
     "cloakbeam.transforms.uniqueness",  # after kanon: it reads the declared quasi-identifiers
@@ -57,16 +57,8 @@ def _load_sections() -> None:
 def load_policy(path: str | Path, schema: InputSchema) -> CompiledPolicy:
     """Read and compile a policy file against `schema`; raise PolicyError naming the file and the field."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PolicyError(f"cannot read policy file {p}: {exc.strerror}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise PolicyError(f"policy file {p} is not valid YAML{where}") from None
+    # Strict YAML: no aliases or anchors, no repeated key, bounded size and depth (cloakbeam.core.safeyaml).
+    text, raw = read_yaml_file(p, what="policy file", error=PolicyError)
     return compile_policy(raw, schema, source=str(p), text=text)
 
 
@@ -93,6 +85,9 @@ def compile_policy(raw: Any, schema: InputSchema, source: str = "<inline>", text
 
 def _compile(raw: dict[str, Any], schema: InputSchema, source: str, text: str | None) -> CompiledPolicy:
     sections = registered_sections()
+    odd = [k for k in raw if not isinstance(k, str)]
+    if odd:
+        raise PolicyError(f"every top-level key must be a name; found a {type(odd[0]).__name__} key")
     unknown = sorted(set(raw) - CORE_KEYS - set(sections))
     if unknown:
         known = ", ".join(sorted(CORE_KEYS | set(sections)))
@@ -107,13 +102,16 @@ def _compile(raw: dict[str, Any], schema: InputSchema, source: str, text: str | 
     if not isinstance(fields, dict) or not fields:
         raise PolicyError("the policy needs a 'fields' mapping from field path to action")
 
-    canonical = json.dumps(raw, sort_keys=True, default=str)
+    # The hash is of the policy's text, as reviewed; only a policy built in code (no text) hashes its canonical
+    # JSON form. Never expand the document when text is at hand.
+    digest_of = text if text is not None else json.dumps(raw, sort_keys=True, default=str)
     policy = CompiledPolicy(
         source=source,
         dataset=dataset,
-        content_hash=hashlib.sha256((text if text is not None else canonical).encode()).hexdigest(),
+        content_hash=hashlib.sha256(digest_of.encode()).hexdigest(),
         schema=schema,
         raw=raw,
+        text=text,
     )
     leaf_actions: dict[str, Action] = {}
     record_rules: dict[str, tuple[str, dict[str, Any]]] = {}

@@ -1,8 +1,11 @@
 """The quarantine: where records that cannot be parsed or validated go, with their reason and location.
 
 One JSON-lines file per input file under OUT/quarantine/, written atomically. An entry holds the reason code,
-the field (if any), the source file and location, and the record itself in protected form: never in plaintext.
-`protect_raw_record` is the one place that decides that form.
+the field (if any), the source file and location, how many records it stands for and where that number comes
+from, the limit broken (if any), and the record itself in protected form: never in plaintext. At most
+`quarantine_record_bytes` (policy `limits`, default 64 KiB) of a record are sealed; `record_bytes` is always the
+record's full size and `record_truncated` says when the sealed copy is cut. `protect_raw_record` is the one place
+that decides that form.
 """
 
 from __future__ import annotations
@@ -13,33 +16,56 @@ from collections.abc import Iterable
 from typing import Any
 
 from cloakbeam.core import fsio
+from cloakbeam.core.limits import IngestLimits
 from cloakbeam.core.stats import FileStat
 from cloakbeam.transforms.ingest import Rejected
 
 QUARANTINE_DIR = "quarantine"
 
 
-def protect_raw_record(rej: Rejected, keys: Any, dataset_id: str) -> dict[str, Any]:
-    """The stored form of a rejected record's bytes: sealed with the envelope scheme (AES-256-GCM under a
-    data key sealed to the reveal key, bound to dataset and source location; see cloakbeam.keys.quarantine) — the raw
-    bytes never reach the quarantine file in plaintext; only the reveal service opens them (keys/sealing.py)."""
+def protect_raw_record(rej: Rejected, keys: Any, dataset_id: str, max_bytes: int | None = None) -> dict[str, Any]:
+    """The stored form of a rejected record's bytes: its first `max_bytes` sealed with the envelope scheme
+    (AES-256-GCM under a data key sealed to the reveal key, bound to dataset and source location; see
+    cloakbeam.keys.quarantine) — the raw bytes never reach the quarantine file in plaintext; only the reveal
+    service opens them (keys/sealing.py)."""
     import base64
 
     from cloakbeam.keys.quarantine import seal_quarantine_record
 
-    sealed = seal_quarantine_record(rej.raw, f"{rej.source}#{rej.location}", keys, dataset_id)
-    return {"record_sealed": base64.b64encode(sealed).decode("ascii"), "record_bytes": len(rej.raw)}
+    cap = IngestLimits().quarantine_record_bytes if max_bytes is None else max_bytes
+    size = rej.size if rej.size is not None else len(rej.raw)
+    kept = rej.raw[:cap]
+    sealed = seal_quarantine_record(kept, f"{rej.source}#{rej.location}", keys, dataset_id)
+    out: dict[str, Any] = {"record_sealed": base64.b64encode(sealed).decode("ascii"), "record_bytes": size}
+    if len(kept) < size:
+        out["record_truncated"] = True
+        out["record_sealed_bytes"] = len(kept)
+    return out
 
 
-def quarantine_entry(rej: Rejected, keys: Any, dataset_id: str) -> dict[str, Any]:
-    return {
+def quarantine_entry(rej: Rejected, keys: Any, dataset_id: str, max_bytes: int | None = None) -> dict[str, Any]:
+    """One quarantine line for a rejection: reason, field, source, location, count and the sealed record."""
+    entry: dict[str, Any] = {
         "reason": rej.reason,
         "field": rej.field,
         "source": rej.source,
         "location": rej.location,
         "records": rej.records,
-        **protect_raw_record(rej, keys, dataset_id),
+        **protect_raw_record(rej, keys, dataset_id, max_bytes),
     }
+    if rej.records_from != "record":
+        entry["records_from"] = rej.records_from
+    if rej.detail:
+        entry["detail"] = rej.detail
+    return entry
+
+
+def damage_report(rej: Rejected) -> dict[str, Any] | None:
+    """For a rejection that stands for a region of a file rather than one record: how many records it holds and
+    where that number comes from ("unknown" when the damage hides it), for the manifest's input entry."""
+    if rej.records_from == "record":
+        return None
+    return {"location": rej.location, "reason": rej.reason, "records": rej.records if rej.records_from != "unknown" else "unknown", "records_from": rej.records_from}
 
 
 def quarantine_path(out_dir: str, source: str, window: str | None = None) -> str:

@@ -139,6 +139,9 @@ class Action:
         return PolicyError(f"field '{self.field.path}' (action '{self.name}'): {sentence}")
 
     def _validate(self, raw: dict[str, Any]) -> dict[str, Any]:
+        odd = [k for k in raw if not isinstance(k, str)]
+        if odd:
+            raise self.fail(f"parameter names must be words; found a {type(odd[0]).__name__} key")
         unknown = sorted(set(raw) - set(self.params))
         if unknown:
             allowed = ", ".join(sorted(self.params)) or "none"

@@ -28,7 +28,7 @@ from cloakbeam.core.config import RuntimeConfig
 from cloakbeam.core.stats import RunStats, is_stats
 from cloakbeam.schemas.avro import InputSchema, schema_from_dict
 from cloakbeam.transforms.ingest import Rejected, detect_format, read_source
-from cloakbeam.transforms.quarantine import quarantine_entry, write_quarantine
+from cloakbeam.transforms.quarantine import damage_report, quarantine_entry, write_quarantine
 from cloakbeam.transforms.write import BATCH_ID_KEY, batch_id, write_training_files
 
 
@@ -45,13 +45,9 @@ class PolicyRef:
 
     @classmethod
     def of(cls, policy: Any) -> PolicyRef:
-        text = None
-        try:
-            with open(policy.source, encoding="utf-8") as fh:
-                text = fh.read()
-        except OSError:
-            pass
-        return cls(policy.schema.avro, policy.raw, policy.schema.source, policy.source, text, dict(getattr(policy, "attachments", {}) or {}))
+        # The text the launcher read and hashed: never re-read the file, which may have changed since.
+        return cls(policy.schema.avro, policy.raw, policy.schema.source, policy.source, getattr(policy, "text", None),
+                   dict(getattr(policy, "attachments", {}) or {}))
 
     def compile(self) -> Any:
         from cloakbeam.transforms.policy import compile_policy
@@ -87,13 +83,18 @@ def _runtime_context(runtime: RuntimeConfig):
 
 # ------------------------------------------------------------------------------------------------ read
 class _ReadFileFn(beam.DoFn):
-    def __init__(self, schema_avro: dict, schema_source: str, fmt: str | None, batch_size: int, out_dir: str, runtime: RuntimeConfig) -> None:
+    def __init__(
+        self, schema_avro: dict, schema_source: str, fmt: str | None, batch_size: int, out_dir: str, runtime: RuntimeConfig, limits: Any = None,
+    ) -> None:
+        from cloakbeam.core.limits import IngestLimits
+
         self.schema_avro = schema_avro
         self.schema_source = schema_source
         self.fmt = fmt
         self.batch_size = batch_size
         self.out_dir = out_dir
         self.runtime = runtime
+        self.limits = limits or IngestLimits()
 
     def setup(self) -> None:
         self.schema: InputSchema = schema_from_dict(self.schema_avro, self.schema_source)
@@ -112,15 +113,21 @@ class _ReadFileFn(beam.DoFn):
         source_id = hashlib.sha256(f"{path}\0{digest}".encode()).hexdigest()[:16]
         stats = RunStats()
         entries: list[dict[str, Any]] = []
+        damaged: list[dict[str, Any]] = []
         records = 0
         index = 0
         with readable.open(compression_type=beam.io.filesystem.CompressionTypes.AUTO) as fh:
-            for item in read_source(fh, path, fmt, self.schema, self.batch_size):
+            # read_source turns every parser failure into a rejection (never raises on bad input); what does raise
+            # here is a key or storage failure while sealing, which must fail the run rather than lose records.
+            for item in read_source(fh, path, fmt, self.schema, self.batch_size, self.limits):
                 if isinstance(item, Rejected):
-                    entries.append(quarantine_entry(item, self.ctx.keys, self.runtime.dataset_id))
+                    entries.append(quarantine_entry(item, self.ctx.keys, self.runtime.dataset_id, self.limits.quarantine_record_bytes))
                     stats.reasons[item.reason] += item.records
                     stats.counts["quarantined"] += item.records
                     records += item.records
+                    report = damage_report(item)
+                    if report is not None:
+                        damaged.append(report)
                     continue
                 records += item.num_rows
                 meta = dict(item.schema.metadata or {})
@@ -132,6 +139,8 @@ class _ReadFileFn(beam.DoFn):
             stats.files.append(write_quarantine(self.out_dir, path, entries))
         stats.counts["input"] += records
         stats.inputs[path] = {"bytes": size, "sha256": digest, "records": records, "format": fmt}
+        if damaged:
+            stats.inputs[path]["damaged"] = damaged
         yield stats
 
 
@@ -139,7 +148,10 @@ class ReadRecords(beam.PTransform):
     """Match file patterns (local or Beam FileSystems), parse and validate them into RecordBatches; records
     that fail go to OUT/quarantine/ and are counted in RunStats elements."""
 
-    def __init__(self, patterns: Sequence[str], schema: InputSchema, out_dir: str, runtime: RuntimeConfig, batch_size: int = 65_536, fmt: str | None = None) -> None:
+    def __init__(
+        self, patterns: Sequence[str], schema: InputSchema, out_dir: str, runtime: RuntimeConfig, batch_size: int = 65_536, fmt: str | None = None,
+        limits: Any = None,
+    ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -149,6 +161,7 @@ class ReadRecords(beam.PTransform):
         self.runtime = runtime
         self.batch_size = batch_size
         self.fmt = fmt
+        self.limits = limits  # cloakbeam.core.limits.IngestLimits (the policy's `limits` section); None = defaults
 
     def expand(self, pbegin):
         return (
@@ -157,7 +170,7 @@ class ReadRecords(beam.PTransform):
             | "Match" >> fileio.MatchAll(empty_match_treatment=fileio.EmptyMatchTreatment.DISALLOW)
             | "Spread" >> beam.Reshuffle()
             | "Open" >> fileio.ReadMatches()
-            | "Parse" >> beam.ParDo(_ReadFileFn(self.schema.avro, self.schema.source, self.fmt, self.batch_size, self.out_dir, self.runtime))
+            | "Parse" >> beam.ParDo(_ReadFileFn(self.schema.avro, self.schema.source, self.fmt, self.batch_size, self.out_dir, self.runtime, self.limits))
         )
 
 
@@ -215,8 +228,10 @@ class _ProtectFn(beam.DoFn):
 
         rows = batch.take(pa.array([r for r, _, _ in rejected])).to_pylist()
         source = f"batch {bid}"
+        limits = self.policy.sections.get("limits")
+        cap = getattr(limits, "quarantine_record_bytes", None)
         entries = [
-            quarantine_entry(Rejected(source, f"row {row}", reason, field, json.dumps(raw, default=str, sort_keys=True).encode()), self.ctx.keys, self.runtime.dataset_id)
+            quarantine_entry(Rejected(source, f"row {row}", reason, field, json.dumps(raw, default=str, sort_keys=True).encode()), self.ctx.keys, self.runtime.dataset_id, cap)
             for (row, reason, field), raw in zip(rejected, rows)
         ]
         stats = RunStats()

@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from cloakbeam.errors import IntegrityError
+from cloakbeam.errors import ConfigError, IntegrityError
 
 GENESIS = "0" * 64
 OUTCOMES = frozenset({"allowed", "denied", "not_found", "expired", "forgotten", "error"})
@@ -89,6 +89,19 @@ def _actor() -> str:
     from cloakbeam.vault.roles import _current_user
 
     return _current_user()
+
+
+def appendable_file(path: Path, what: str) -> Path:
+    """`path` if an audit file can live there: a regular file, or a file that can be created. ConfigError (a
+    sentence) otherwise: `/dev/null`, a device or a directory would swallow entries, so reveals would go unrecorded."""
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{what} {path} is not a regular file; name a file the audit chain can be appended to")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not path.exists() and not os.access(parent, os.W_OK):
+        raise ConfigError(f"{what} {path} cannot be created (directory {parent} is not writable)")
+    return path
 
 
 class AuditLog:

@@ -35,8 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cloakbeam.errors import AccessDenied, ConfigError
 
 ACTIONS = frozenset({"detokenize", "decrypt", "forget", "audit"})
@@ -75,15 +73,10 @@ class RolePolicy:
 
     @classmethod
     def load(cls, path: str | Path) -> RolePolicy:
+        from cloakbeam.core.safeyaml import read_yaml_file
+
         p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read role policy {p}: {exc.strerror}") from None
-        try:
-            doc = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise ConfigError(f"role policy {p} is not valid YAML") from None
+        _, doc = read_yaml_file(p, what="role policy")
         return cls.from_dict(doc, source=str(p))
 
     @classmethod

@@ -35,7 +35,7 @@ import yaml
 
 from cloakbeam.core.config import KeyRef
 from cloakbeam.errors import AccessDenied, CloakbeamError, ConfigError, IntegrityError, KeyAccessError
-from cloakbeam.vault.audit import AnchoredAudit, AuditLog, FileCheckpointSink, PostgresCheckpointSink
+from cloakbeam.vault.audit import AnchoredAudit, AuditLog, FileCheckpointSink, PostgresCheckpointSink, appendable_file
 from cloakbeam.vault.roles import Grant, RolePolicy
 
 REFUSED_ALGORITHMS = frozenset({"none", "HS256", "HS384", "HS512"})
@@ -145,7 +145,7 @@ def service_config_from_dict(doc: Any, base: Path, source: str = "<inline>") -> 
     vault = vault_ref_from({"vault": vault_doc}, state)
     grants = rel(doc["grants"], "grants")
     audit = dict(doc.get("audit") or {})
-    log = rel(audit.get("log", str(state / "audit.jsonl")), "audit.log")
+    log = appendable_file(rel(audit.get("log", str(state / "audit.jsonl")), "audit.log"), f"{where}: 'audit.log'")
     sink: Any
     if audit.get("checkpoints_dsn_env"):
         sink = PostgresCheckpointSink(str(audit["checkpoints_dsn_env"]))
@@ -157,7 +157,7 @@ def service_config_from_dict(doc: Any, base: Path, source: str = "<inline>") -> 
                     f"{where}: 'audit.checkpoints' ({cp}) must be outside the state directory and the audit log's directory ({inside}): "
                     "checkpoints are the evidence that survives a rewritten log"
                 )
-        sink = FileCheckpointSink(cp)
+        sink = FileCheckpointSink(appendable_file(cp, f"{where}: 'audit.checkpoints'"))
     else:
         raise ConfigError(f"{where}: 'audit' needs 'checkpoints' (a file outside the state directory) or 'checkpoints_dsn_env' (a PostgreSQL table)")
     auth = _auth_config(doc["auth"], where, rel)

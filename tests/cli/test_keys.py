@@ -66,7 +66,7 @@ def test_init_passphrase_list_rotate_retire(state, tmp_path, monkeypatch, capsys
 
 def test_missing_or_wrong_passphrase_exit_2_without_leaking(state, tmp_path, monkeypatch, capsys):
     reveal = _reveal(tmp_path, monkeypatch, capsys)
-    monkeypatch.setenv("CLOAKBEAM_KEYRING_PASSPHRASE", "right-one")
+    monkeypatch.setenv("CLOAKBEAM_KEYRING_PASSPHRASE", "right-one-for-the-tests")
     assert main(["keys", "init", "--scrypt-n", "4096", "--reveal-key", reveal]) == 0
     monkeypatch.setenv("CLOAKBEAM_KEYRING_PASSPHRASE", "wrong-one")
     assert main(["keys", "list"]) == 2

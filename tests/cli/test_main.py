@@ -65,13 +65,16 @@ def test_demo_prints_the_summary_table(tmp_path, capsys):
         assert name in m["sections"], name
     assert m["sections"]["risk"]["membership_inference"]["measured"]
     assert report.exists() and "Differentially private statistics" in report.read_text()
-    # A second demo in the same directory replaces the first one. At 1,000 records the release singles people out:
-    # the run fails closed with the scan's sentence and nothing of either run is left to be used.
+    # A second demo in the same directory would replace the first one. At 1,000 records the release singles people
+    # out: the run fails closed with the scan's sentence, publishes nothing, and the first, complete release stays
+    # as it was, with a failure record saying why the second did not replace it.
+    before = (tmp_path / "demo" / "output" / "manifest.json").read_bytes()
     assert main(["demo", "--rows", "1000", "--out", str(tmp_path / "demo")]) == 1
     err = capsys.readouterr().err
-    assert "uniqueness scan: " in err and "The release was withdrawn" in err
-    assert not (tmp_path / "demo" / "output" / "manifest.json").exists()
-    assert not list((tmp_path / "demo" / "output" / "data").rglob("*.parquet"))
+    assert "uniqueness scan: " in err and "The release was withheld: nothing was published" in err
+    assert (tmp_path / "demo" / "output" / "manifest.json").read_bytes() == before
+    failure = json.loads((tmp_path / "demo" / "output" / ".cloakbeam-failure.json").read_text())
+    assert "uniqueness scan" in json.dumps(failure)
 
 
 def test_help_documents_every_command():

@@ -159,7 +159,7 @@ def test_two_runs_with_the_same_keys_give_identical_protected_columns(tmp_path):
 def test_policy_proposed_by_classify_runs_and_leaks_nothing(tmp_path, capsys):
     """`cloakbeam classify` on schema-less JSONL proposes a policy that runs on the reference schema and leaves
     no raw direct identifier in the output. Unedited, it fails closed on these 800 records: a release that small
-    singles people out (uniqueness scan) and is withdrawn; measured but not enforced, it runs."""
+    singles people out (uniqueness scan) and is withheld; measured but not enforced, it runs."""
     from cloakbeam.cli.main import main
     from cloakbeam.schemas.generate import _pools, generate, generate_table
 
@@ -172,7 +172,7 @@ def test_policy_proposed_by_classify_runs_and_leaks_nothing(tmp_path, capsys):
     with pytest.raises(UniquenessRiskError, match="uniqueness scan: "):
         run_pipeline(RunSettings(dev=True, inputs=[src], schema=str(SCHEMA), policy=str(proposed), output=str(tmp_path / "withdrawn"),
                                  progress=False, state_dir=str(tmp_path / "state")))
-    assert not list((tmp_path / "withdrawn" / "data").rglob("*.parquet"))
+    assert not list((tmp_path / "withdrawn").rglob("*.parquet"))
     proposed.write_text(proposed.read_text().replace("  max_unique_fraction: 0.01", "  max_unique_fraction: 1"))
     manifest = run_pipeline(RunSettings(dev=True, inputs=[src], schema=str(SCHEMA), policy=str(proposed), output=str(tmp_path / "out"),
                                         progress=False, state_dir=str(tmp_path / "state")))

@@ -76,8 +76,8 @@ def test_old_reference_policy_fails_the_demo_release_with_one_sentence_and_withd
     assert "column 'signup_ts' singles out 99." in msg or "column 'signup_ts' singles out 100.00%" in msg
     assert "column 'income' singles out 96." in msg
     assert "limit 1.00% unique" in msg and "uniqueness.accept_risk" in msg and "method: round" in msg
-    assert "The release was withdrawn" in msg
-    assert not (out / "manifest.json").exists() and not list((out / "data").glob("*.parquet"))
+    assert "The release was withheld: nothing was published" in msg
+    assert not (out / "manifest.json").exists() and not list(out.rglob("*.parquet"))
     lines = Path(demo_input).read_bytes().splitlines()[:300]
     raw = []
     for x in lines:
