@@ -37,6 +37,23 @@ GRANTS = {
 }
 
 
+# The policy the reveal tests run: subject-keyed tokens and cells, so detokenize, decrypt and forget all apply.
+REVEAL_POLICY = {
+    "version": 1,
+    "dataset": "customers",
+    "fields": {
+        "customer_id": {"action": "tokenize", "prefix": "cust_", "subject": "customer_id"},
+        "email": {"action": "tokenize", "normalize": "lower", "subject": "customer_id"},
+        "ssn": {"action": "encrypt", "subject": "customer_id"},
+        "income": "encrypt",
+        "gender": "keep",
+        "churned": "keep",
+    },
+    # 150-record releases single people out whatever they keep: the uniqueness scan reports without failing here.
+    "uniqueness": {"max_unique_fraction": 1},
+}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -17,24 +17,10 @@ import yaml
 from cloakbeam.keys.service import KeyRef, dev_reveal_keyring_path, ensure_local_keyring, open_key_service
 from cloakbeam.tests.paths import SCHEMA
 from cloakbeam.tests.service_fixtures import AUDIENCE, ISSUER, ThreadServer, issuer, write_service_config  # noqa: F401
+from cloakbeam.tests.service_fixtures import REVEAL_POLICY as POLICY
 from cloakbeam.tests.vault_fixtures import pg_dsn, pg_ref  # noqa: F401
 from cloakbeam.vault import Domain, open_vault
 from cloakbeam.vault.audit import AuditLog
-
-POLICY = {
-    "version": 1,
-    "dataset": "customers",
-    "fields": {
-        "customer_id": {"action": "tokenize", "prefix": "cust_", "subject": "customer_id"},
-        "email": {"action": "tokenize", "normalize": "lower", "subject": "customer_id"},
-        "ssn": {"action": "encrypt", "subject": "customer_id"},
-        "income": "encrypt",
-        "gender": "keep",
-        "churned": "keep",
-    },
-    # 150-record releases single people out whatever they keep: the uniqueness scan reports without failing here.
-    "uniqueness": {"max_unique_fraction": 1},
-}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
