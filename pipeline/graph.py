@@ -16,6 +16,7 @@ import logging
 import os
 import pickle
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +75,7 @@ class PreparedRun:
     stats_path: str
     final_dir: str = ""  # where the output is published (the user's --output)
     plan: _publish.OutputPlan | None = None
+    prepare_seconds: float = 0.0  # launcher start-up (stage timer "prepare"): schema, policy compile, keyring open, checks
 
 
 def prepare(settings: RunSettings) -> PreparedRun:
@@ -279,7 +281,9 @@ def run_pipeline(settings: RunSettings) -> dict[str, Any]:
         from cloakbeam.pipeline.streaming import run_streaming
 
         return run_streaming(settings)
+    t0 = time.perf_counter()
     run = prepare(settings)
+    run.prepare_seconds = time.perf_counter() - t0
     try:
         manifest = _execute(run, settings)
     except BaseException as exc:
@@ -344,6 +348,7 @@ def _execute(run: PreparedRun, settings: RunSettings) -> dict[str, Any]:
         with runner.session() if hasattr(runner, "session") else _nullcontext():
             p = beam.Pipeline(runner=runner.beam_runner if hasattr(runner, "beam_runner") else runner, options=options)
             build_graph(p, run)
+            t0 = time.perf_counter()
             try:
                 result = p.run()
                 result.wait_until_finish()
@@ -351,8 +356,12 @@ def _execute(run: PreparedRun, settings: RunSettings) -> dict[str, Any]:
                 raise
             except Exception as exc:
                 raise runner_failure(settings.runner, run.final_dir or run.out_dir, exc) from exc
+            graph_seconds = time.perf_counter() - t0
     finished = dt.datetime.now(dt.timezone.utc)
     stats = _load_stats(run.stats_path)
+    # Launcher-side stage timers: start-up before the graph, and the graph's whole run (wall clock, once).
+    stats.timers["prepare"] += run.prepare_seconds
+    stats.timers["graph"] += graph_seconds
     _check_release(run, stats)
     manifest = build_manifest(
         run_id=run.runtime.run_id,
