@@ -49,6 +49,10 @@ class RunStats:
     #: time.perf_counter in the workers and summed across workers and batches (so they can exceed the run's seconds).
     timers: Counter = field(default_factory=Counter)
 
+    def add_time(self, stage: str, seconds: float) -> None:
+        """Add wall seconds to a stage timer (Counter values are seconds here, not counts)."""
+        self.timers[stage] += seconds  # type: ignore[assignment]
+
     def merge(self, other: RunStats) -> RunStats:
         self.counts.update(other.counts)
         self.fields.update(other.fields)

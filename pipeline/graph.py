@@ -360,8 +360,8 @@ def _execute(run: PreparedRun, settings: RunSettings) -> dict[str, Any]:
     finished = dt.datetime.now(dt.timezone.utc)
     stats = _load_stats(run.stats_path)
     # Launcher-side stage timers: start-up before the graph, and the graph's whole run (wall clock, once).
-    stats.timers["prepare"] += run.prepare_seconds
-    stats.timers["graph"] += graph_seconds
+    stats.add_time("prepare", run.prepare_seconds)
+    stats.add_time("graph", graph_seconds)
     _check_release(run, stats)
     manifest = build_manifest(
         run_id=run.runtime.run_id,

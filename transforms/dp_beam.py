@@ -171,7 +171,7 @@ def noisy_record(stat: DpStatistic, combiner: Any, partial: DpPartial | None) ->
     """Cross-partition bounding, then PipelineDP's `compute_metrics` (its noise) per public partition."""
     totals = bounded_totals(partial if partial is not None else DpPartial.empty(stat.max_contributions_per_partition), stat, middle_of(stat))
     rows = [(label, combiner.compute_metrics(acc)) for label, acc in compound_accumulators(stat, totals)]
-    bounds = (stat.min_value, stat.max_value) if stat.metric == "mean" else None
+    bounds = (stat.min_value, stat.max_value) if stat.metric == "mean" and stat.min_value is not None and stat.max_value is not None else None
     return _result_record(rows, stat.name, stat.metric, bounds)
 
 
@@ -183,7 +183,7 @@ def _as_stats_of(pairs: list[tuple[int, DpPartial]], spec: DpSpec, combiners: li
     records = [noisy_record(stat, combiners[i], got.get(i)) for i, stat in enumerate(spec.statistics)]
     stats = _as_stats(records)
     worker = sum(p.seconds for p in got.values())
-    stats.timers["dp_statistics"] += worker + time.perf_counter() - t0
+    stats.add_time("dp_statistics", worker + time.perf_counter() - t0)
     return stats
 
 

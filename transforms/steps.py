@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import pickle
 import time
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -146,7 +145,7 @@ class _ReadFileFn(beam.DoFn):
                 t0 = time.perf_counter()
         if entries:
             stats.files.append(write_quarantine(self.out_dir, path, entries))
-        stats.timers["read"] += seconds + time.perf_counter() - t0
+        stats.add_time("read", seconds + time.perf_counter() - t0)
         stats.counts["input"] += records
         stats.inputs[path] = {"bytes": size, "sha256": digest, "records": records, "format": fmt}
         if damaged:
@@ -225,10 +224,11 @@ class _ProtectFn(beam.DoFn):
         self._sent_keys |= {r["key_id"] for r in fresh}
         # Stage timers: the whole step ("protect") and each action family within it ("protect.<action>"),
         # measured before anything is yielded (downstream steps run inside `yield` when fused).
-        timers = Counter({f"protect.{name}": s for name, s in self.ctx.timers.items()})
-        timers["protect"] += time.perf_counter() - t0
+        stats = RunStats(fields=self.ctx.stats.copy(), extra={"wrapped_keys": fresh} if fresh else {})
+        for name, seconds in self.ctx.timers.items():
+            stats.add_time(f"protect.{name}", seconds)
+        stats.add_time("protect", time.perf_counter() - t0)
         self.ctx.timers.clear()
-        stats = RunStats(fields=self.ctx.stats.copy(), extra={"wrapped_keys": fresh} if fresh else {}, timers=timers)
         self.ctx.stats.clear()
         if quarantined is not None:
             yield quarantined
@@ -329,7 +329,7 @@ class _WriteFn(beam.DoFn):
         stats = write_training_files(element, self.out_dir, kwargs, _key_metadata(self.ctx), window=win)
         self.progress.send("written", element.num_rows)
         out = RunStats()
-        out.timers["write"] += time.perf_counter() - t0
+        out.add_time("write", time.perf_counter() - t0)
         out.files.extend(stats)
         out.counts["written"] += sum(f.rows for f in stats)
         yield out
