@@ -257,14 +257,34 @@ def build_graph(p: Any, run: PreparedRun) -> None:
     kanon = run.policy.sections.get("k_anonymity")
     if kanon is not None:
         protected = protected | "EnforceKAnonymity" >> kanon.batch_transform(run.runtime)
-    scan = run.policy.sections.get("uniqueness")
-    if scan is not None:  # quasi-identifier discovery on the released records (fails the run after, never silently)
-        protected = protected | "ScanUniqueness" >> scan.batch_transform(run.runtime)
     written = protected | "WriteTrainingParquet" >> WriteTrainingParquet(run.out_dir, run.runtime, run.policy)
-    ends = [written] + _evidence_branches(records, run)
+    ends = [written] + _scan_branch(protected, run) + _evidence_branches(records, run)
     if len(ends) > 1:  # one final Flatten joins every end: the DaskRunner computes a single leaf (BEAM-NOTES)
         written = tuple(ends) | "JoinEvidence" >> beam.Flatten()
     _ = written | "CollectRunStats" >> CollectRunStats(run.stats_path)
+
+
+def _scan_branch(released: Any, run: PreparedRun) -> list[Any]:
+    """The uniqueness scan of the released records (quasi-identifier discovery; fails the run after, never silently)
+    as a side branch ending in its one report RunStats, joined with the other ends in the final Flatten.
+
+    Not `section.batch_transform` (ScanUniqueness), which flattens its report back into the record stream: a
+    Flatten whose inputs come from different stages cannot be fused, so every released batch was buffered by the
+    runner between Protect and Write (the whole release in memory). Here Write stays fused with Protect."""
+    scan = run.policy.sections.get("uniqueness")
+    if scan is None:
+        return []
+    import apache_beam as beam
+
+    from cloakbeam.transforms.kanon_beam import _MergeSketches, _scan_report, _SketchBatch
+
+    spec = scan.spec
+    return [
+        released
+        | "ScanUniqueness/SketchBatches" >> beam.ParDo(_SketchBatch(spec))
+        | "ScanUniqueness/MergeSketches" >> beam.CombineGlobally(_MergeSketches(spec))
+        | "ScanUniqueness/Evaluate" >> beam.Map(_scan_report, spec)
+    ]
 
 
 def _evidence_branches(records: Any, run: PreparedRun) -> list[Any]:
