@@ -45,11 +45,19 @@ class RunStats:
     files: list[FileStat] = field(default_factory=list)
     inputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # source path -> {bytes, sha256, records}
     extra: dict[str, Any] = field(default_factory=dict)  # section reports (k-anonymity, windows), JSON-able
+    #: Stage timers: wall seconds per stage ("read", "protect", "protect.tokenize", "write", ...), measured with
+    #: time.perf_counter in the workers and summed across workers and batches (so they can exceed the run's seconds).
+    timers: Counter = field(default_factory=Counter)
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        """Add wall seconds to a stage timer (Counter values are seconds here, not counts)."""
+        self.timers[stage] += seconds  # type: ignore[assignment]
 
     def merge(self, other: RunStats) -> RunStats:
         self.counts.update(other.counts)
         self.fields.update(other.fields)
         self.reasons.update(other.reasons)
+        self.timers.update(getattr(other, "timers", None) or {})
         self.files.extend(other.files)
         self.inputs.update(other.inputs)
         for k, v in other.extra.items():

@@ -16,6 +16,7 @@ import logging
 import os
 import pickle
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +75,7 @@ class PreparedRun:
     stats_path: str
     final_dir: str = ""  # where the output is published (the user's --output)
     plan: _publish.OutputPlan | None = None
+    prepare_seconds: float = 0.0  # launcher start-up (stage timer "prepare"): schema, policy compile, keyring open, checks
 
 
 def prepare(settings: RunSettings) -> PreparedRun:
@@ -255,14 +257,34 @@ def build_graph(p: Any, run: PreparedRun) -> None:
     kanon = run.policy.sections.get("k_anonymity")
     if kanon is not None:
         protected = protected | "EnforceKAnonymity" >> kanon.batch_transform(run.runtime)
-    scan = run.policy.sections.get("uniqueness")
-    if scan is not None:  # quasi-identifier discovery on the released records (fails the run after, never silently)
-        protected = protected | "ScanUniqueness" >> scan.batch_transform(run.runtime)
     written = protected | "WriteTrainingParquet" >> WriteTrainingParquet(run.out_dir, run.runtime, run.policy)
-    ends = [written] + _evidence_branches(records, run)
+    ends = [written] + _scan_branch(protected, run) + _evidence_branches(records, run)
     if len(ends) > 1:  # one final Flatten joins every end: the DaskRunner computes a single leaf (BEAM-NOTES)
         written = tuple(ends) | "JoinEvidence" >> beam.Flatten()
     _ = written | "CollectRunStats" >> CollectRunStats(run.stats_path)
+
+
+def _scan_branch(released: Any, run: PreparedRun) -> list[Any]:
+    """The uniqueness scan of the released records (quasi-identifier discovery; fails the run after, never silently)
+    as a side branch ending in its one report RunStats, joined with the other ends in the final Flatten.
+
+    Not `section.batch_transform` (ScanUniqueness), which flattens its report back into the record stream: a
+    Flatten whose inputs come from different stages cannot be fused, so every released batch was buffered by the
+    runner between Protect and Write (the whole release in memory). Here Write stays fused with Protect."""
+    scan = run.policy.sections.get("uniqueness")
+    if scan is None:
+        return []
+    import apache_beam as beam
+
+    from cloakbeam.transforms.kanon_beam import _MergeSketches, _scan_report, _SketchBatch
+
+    spec = scan.spec
+    return [
+        released
+        | "ScanUniqueness/SketchBatches" >> beam.ParDo(_SketchBatch(spec))
+        | "ScanUniqueness/MergeSketches" >> beam.CombineGlobally(_MergeSketches(spec))
+        | "ScanUniqueness/Evaluate" >> beam.Map(_scan_report, spec)
+    ]
 
 
 def _evidence_branches(records: Any, run: PreparedRun) -> list[Any]:
@@ -279,7 +301,9 @@ def run_pipeline(settings: RunSettings) -> dict[str, Any]:
         from cloakbeam.pipeline.streaming import run_streaming
 
         return run_streaming(settings)
+    t0 = time.perf_counter()
     run = prepare(settings)
+    run.prepare_seconds = time.perf_counter() - t0
     try:
         manifest = _execute(run, settings)
     except BaseException as exc:
@@ -344,6 +368,7 @@ def _execute(run: PreparedRun, settings: RunSettings) -> dict[str, Any]:
         with runner.session() if hasattr(runner, "session") else _nullcontext():
             p = beam.Pipeline(runner=runner.beam_runner if hasattr(runner, "beam_runner") else runner, options=options)
             build_graph(p, run)
+            t0 = time.perf_counter()
             try:
                 result = p.run()
                 result.wait_until_finish()
@@ -351,8 +376,12 @@ def _execute(run: PreparedRun, settings: RunSettings) -> dict[str, Any]:
                 raise
             except Exception as exc:
                 raise runner_failure(settings.runner, run.final_dir or run.out_dir, exc) from exc
+            graph_seconds = time.perf_counter() - t0
     finished = dt.datetime.now(dt.timezone.utc)
     stats = _load_stats(run.stats_path)
+    # Launcher-side stage timers: start-up before the graph, and the graph's whole run (wall clock, once).
+    stats.add_time("prepare", run.prepare_seconds)
+    stats.add_time("graph", graph_seconds)
     _check_release(run, stats)
     manifest = build_manifest(
         run_id=run.runtime.run_id,

@@ -68,6 +68,14 @@ def limits_report(policy: Any) -> dict[str, Any]:
     return {**record.to_json(), "max_yaml_bytes": MAX_YAML_BYTES, "max_yaml_depth": MAX_YAML_DEPTH}
 
 
+def stage_seconds(stats: RunStats) -> dict[str, float]:
+    """Stage timers (`RunStats.timers`): wall seconds per stage, summed across workers and batches; launcher-side
+    `prepare` and `graph` are measured once. Names: read, protect, protect.<action family> (classify, tokenize,
+    scrub, encrypt, ...), write, dp_statistics, prepare, graph, and any a section adds (k_anonymity, uniqueness)."""
+    timers = getattr(stats, "timers", None) or {}
+    return {name: round(float(sec), 4) for name, sec in sorted(timers.items())}
+
+
 def reconcile(counts: dict[str, int], stats: RunStats) -> list[str]:
     """Every way the counts fail to add up, as sentences; empty when they reconcile.
 
@@ -135,6 +143,7 @@ def build_manifest(
         "quarantine": [f.to_json() for f in stats.files if f.kind == "quarantine"],
         "field_stats": dict(sorted(stats.fields.items())),
         "sections": sections,
+        "stages": stage_seconds(stats),
     }
     if key_ref is not None:
         manifest["keys"] = key_ref

@@ -9,8 +9,8 @@
         - {name: mean_income_by_age_band, metric: mean, value: income, min_value: 0, max_value: 250000,
            group_by: {field: date_of_birth, bands: [30, 45, 65], as_of: "2025-01-01"}, epsilon: 1.0}
 
-Statistics are computed by PipelineDP (`pipeline-dp`, its Beam backend; `transforms/dp_beam.py`) on the raw,
-pre-protection values inside the pipeline. Partitions are public: every group key is declared in the policy
+Statistics are computed with PipelineDP (`pipeline-dp`: its contribution bounding, done here over whole batches, and
+its combiners' noise; `transforms/dp_beam.py`) on the raw, pre-protection values inside the pipeline. Partitions are public: every group key is declared in the policy
 (a list, or numeric/age bands), so the set of released keys reveals nothing and no data value is ever written;
 rows whose group is not declared do not contribute. Budgets compose sequentially: the run refuses a policy whose
 statistics together spend more than `budget`. The privacy unit reaches PipelineDP only as a keyed digest
@@ -195,6 +195,165 @@ def contributions(columns: Mapping[str, pa.Array], stat: DpStatistic, privacy_un
     return pids.tolist(), keys.filter(pa.array(mask)).to_pylist(), vals.filter(pa.array(mask)).to_pylist()
 
 
+# ------------------------------------------------------------------------------------------------ vectorized bounding
+# The aggregation PipelineDP performs before noise, over whole batches: contributions are bounded per privacy unit
+# exactly as its SamplingCrossAndPerPartitionContributionBounder does (at most `max_contributions_per_partition`
+# values per (unit, partition), then at most `max_partitions_contributed` partitions per unit, each value clamped
+# to [min_value, max_value] by the combiner), and the surviving accumulators are summed per public partition.
+# PipelineDP chooses the kept contributions uniformly at random; here they are the ones with the smallest
+# pseudo-random priority (a 64-bit mix of the keyed privacy id, the partition and the value): also a uniformly
+# random subset, a function of that unit's own records only (what bounding needs), and the same on every runner,
+# retry and batching of the input. Noise is added afterwards by PipelineDP's own combiners (transforms/dp_beam.py).
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer over a uint64 array (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * _M1
+        x = (x ^ (x >> np.uint64(27))) * _M2
+        return x ^ (x >> np.uint64(31))
+
+
+def _seed(stat: DpStatistic, what: str) -> np.uint64:
+    import hashlib
+
+    return np.uint64(int.from_bytes(hashlib.sha256(f"cloakbeam-dp-bounding\0{what}\0{stat.name}".encode()).digest()[:8], "big"))
+
+
+def row_priorities(stat: DpStatistic, pid: np.ndarray, part: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """Priority of each contribution within its (unit, partition): the smallest `max_contributions_per_partition`
+    are kept. Equal contributions get equal priorities, and either of them gives the same accumulator."""
+    bits = np.ascontiguousarray(value, np.float64).view(np.uint64)
+    with np.errstate(over="ignore"):
+        h = _mix64(pid.astype(np.uint64) ^ _seed(stat, "row"))
+        h = _mix64(h ^ (part.astype(np.uint64) * _GOLDEN))
+        return _mix64(h ^ bits)
+
+
+def partition_priorities(stat: DpStatistic, pid: np.ndarray, part: np.ndarray) -> np.ndarray:
+    """Priority of each (unit, partition) pair within its unit: the smallest `max_partitions_contributed` are kept."""
+    with np.errstate(over="ignore"):
+        h = _mix64(pid.astype(np.uint64) ^ _seed(stat, "partition"))
+        return _mix64(h ^ (part.astype(np.uint64) * _GOLDEN))
+
+
+@dataclass
+class DpPartial:
+    """Contributions of one statistic that survive per-(unit, partition) bounding so far, sorted by (unit,
+    partition, priority): at most `k` per pair. Mergeable (`merge`); holds keyed ids, partition indexes and raw
+    values only inside the pipeline, never written anywhere."""
+
+    pid: np.ndarray  # uint64 keyed digest of the privacy unit
+    part: np.ndarray  # int64 index into the statistic's declared partitions
+    prio: np.ndarray  # uint64 row priority
+    value: np.ndarray  # float64 value (0 for a count)
+    k: int
+    seconds: float = 0.0  # worker wall time spent building and merging (stage timer `dp_statistics`)
+
+    @classmethod
+    def empty(cls, k: int) -> DpPartial:
+        return cls(np.zeros(0, np.uint64), np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros(0, np.float64), k)
+
+    def __len__(self) -> int:
+        return len(self.pid)
+
+    @classmethod
+    def merge(cls, parts: Sequence[DpPartial]) -> DpPartial:
+        parts = [p for p in parts if len(p)] or list(parts[:1])
+        if not parts:
+            raise ValueError("nothing to merge")
+        if len(parts) == 1:
+            return parts[0]
+        out = _bottom_k(np.concatenate([p.pid for p in parts]), np.concatenate([p.part for p in parts]),
+                        np.concatenate([p.prio for p in parts]), np.concatenate([p.value for p in parts]), parts[0].k)
+        out.seconds = float(sum(p.seconds for p in parts))
+        return out
+
+
+def _group_starts(*keys: np.ndarray) -> np.ndarray:
+    """For arrays sorted by `keys`: True where a new group begins."""
+    n = len(keys[0])
+    start = np.zeros(n, dtype=bool)
+    if n:
+        start[0] = True
+        for k in keys:
+            start[1:] |= k[1:] != k[:-1]
+    return start
+
+
+def _rank_in_group(start: np.ndarray) -> np.ndarray:
+    idx = np.arange(len(start))
+    return idx - np.maximum.accumulate(np.where(start, idx, 0))
+
+
+def _bottom_k(pid: np.ndarray, part: np.ndarray, prio: np.ndarray, value: np.ndarray, k: int) -> DpPartial:
+    order = np.lexsort((prio, part, pid))
+    pid, part, prio, value = pid[order], part[order], prio[order], value[order]
+    keep = _rank_in_group(_group_starts(pid, part)) < k
+    return DpPartial(pid[keep], part[keep], prio[keep], value[keep], k)
+
+
+def batch_partial(columns: Mapping[str, pa.Array], stat: DpStatistic, privacy_unit: str, key: bytes, n: int) -> DpPartial:
+    """One batch's contributions to `stat`, bounded per (unit, partition): the same rows `contributions` hands to
+    PipelineDP (no unit, no declared partition or no value: no contribution), as arrays."""
+    unit = columns[privacy_unit]
+    if isinstance(unit, pa.ChunkedArray):
+        unit = unit.combine_chunks()
+    keys = group_keys(columns, stat.group_by, n)
+    ok = pc.and_(pc.is_valid(unit), pc.is_valid(keys))
+    if stat.value is not None:
+        vals = numeric_values(columns[stat.value])
+        ok = pc.and_(ok, pc.is_valid(vals))
+        value = np.asarray(pc.fill_null(vals, 0.0).to_numpy(zero_copy_only=False), np.float64)
+    else:
+        value = np.zeros(n, np.float64)
+    mask = np.asarray(ok.to_numpy(zero_copy_only=False), dtype=bool)
+    part = pc.index_in(keys, value_set=pa.array(stat.partitions(), pa.string()))
+    part = np.asarray(pc.fill_null(part, -1).to_numpy(zero_copy_only=False), np.int64)
+    mask &= part >= 0
+    pid = privacy_ids(unit, key)[mask]
+    part, value = part[mask], value[mask]
+    return _bottom_k(pid, part, row_priorities(stat, pid, part, value), value, stat.max_contributions_per_partition)
+
+
+@dataclass(frozen=True)
+class PartitionTotals:
+    """Per declared partition (in `stat.partitions()` order), the sums of the bounded per-(unit, partition)
+    accumulators: what PipelineDP's combiners would hold before `compute_metrics`."""
+
+    pairs: np.ndarray  # int64: (unit, partition) pairs kept
+    count: np.ndarray  # int64: contributions kept
+    total: np.ndarray  # float64: sum of clamped values
+    normalized: np.ndarray  # float64: sum of (clamped value - middle of [min, max]), for a mean
+
+
+def bounded_totals(partial: DpPartial, stat: DpStatistic, middle: float = 0.0) -> PartitionTotals:
+    """Cross-partition bounding (at most `max_partitions_contributed` partitions per unit) and the per-partition
+    totals. `partial` must hold every contribution of the run (merged)."""
+    p = len(stat.partitions())
+    value = partial.value
+    if stat.min_value is not None and stat.max_value is not None:
+        value = np.clip(value, stat.min_value, stat.max_value)
+    start = _group_starts(partial.pid, partial.part)
+    group = np.cumsum(start) - 1
+    g = int(start.sum())
+    gpid, gpart = partial.pid[start], partial.part[start]
+    gcount = np.bincount(group, minlength=g).astype(np.int64) if g else np.zeros(0, np.int64)
+    gsum = np.bincount(group, weights=value, minlength=g) if g else np.zeros(0, np.float64)
+    gnorm = np.bincount(group, weights=value - middle, minlength=g) if g else np.zeros(0, np.float64)
+    order = np.lexsort((partition_priorities(stat, gpid, gpart), gpid))
+    keep = order[_rank_in_group(_group_starts(gpid[order])) < stat.max_partitions_contributed]
+    kp = gpart[keep]
+    return PartitionTotals(
+        pairs=np.bincount(kp, minlength=p).astype(np.int64),
+        count=np.bincount(kp, weights=gcount[keep], minlength=p).astype(np.int64),
+        total=np.bincount(kp, weights=gsum[keep], minlength=p).astype(np.float64),
+        normalized=np.bincount(kp, weights=gnorm[keep], minlength=p).astype(np.float64),
+    )
+
+
 # ------------------------------------------------------------------------------------------------ section
 class DpStatisticsSection:
     """The compiled `dp_statistics` section: the graph adds `beam_transform`, the manifest its `report`."""
@@ -223,7 +382,7 @@ class DpStatisticsSection:
             "composition": "basic sequential composition: the spent budget is the sum over statistics",
             "partition_selection": "public partitions declared in the policy (no data-dependent partition selection)",
             "computed_on": "raw values before protection, inside the pipeline; contributions bounded per privacy unit",
-            "library": f"pipeline-dp {version} (Beam backend)",
+            "library": f"pipeline-dp {version} (its contribution bounding over Arrow batches, its combiners' noise)",
         }
 
     def report(self, run_stats: RunStats) -> dict[str, Any]:

@@ -1,52 +1,37 @@
-"""Beam adapter for `dp_statistics`: raw RecordBatches -> PipelineDP (Beam backend) -> one RunStats of results.
+"""Beam adapter for `dp_statistics`: raw RecordBatches -> bounded partial aggregates -> PipelineDP's noise -> one RunStats.
 
-    raw ─ Contributions[i] (plain `contributions`, per statistic) ─ DPEngine.aggregate (public partitions)
-        ─ ToList ─┐
-    ...           ├─ Flatten ─ Collect ─► RunStats(extra={"dp_statistics": [...]})
-        ─ ToList ─┘
+    raw ─ Partials (per batch and statistic: `batch_partial`, contributions bounded per (unit, partition), numpy)
+        ─ MergePerStatistic (CombinePerKey: partials merged, still at most k contributions per pair)
+        ─ AllStatistics (ToList) ─ AsRunStats (cross-partition bounding, per-partition totals, then PipelineDP's
+          combiners' `compute_metrics` add the noise) ─► RunStats(extra={"dp_statistics": [...]})
 
 One linear branch with a single end that the graph joins with its main chain in one final Flatten (the
-DaskRunner computes only one leaf). Each statistic has its own NaiveBudgetAccountant holding exactly its declared
-(epsilon, delta), so the spent budget is the declared sum (sequential composition). Budgets are computed when the
-graph is built, before the run. RunStats elements are not contributions and are dropped here.
+DaskRunner computes only one leaf). The aggregation before noise is PipelineDP's (same contribution bounding,
+same clamping, same accumulators; transforms/dp.py), done over whole batches instead of per record through
+Beam; the noise is PipelineDP's own combiners, built and budgeted as `DPEngine.aggregate` builds them: each
+statistic has its own NaiveBudgetAccountant holding exactly its declared (epsilon, delta), so the spent budget
+is the declared sum (sequential composition). Budgets are computed when the graph is built, before the run.
+RunStats elements are not contributions and are dropped here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
 
 from cloakbeam.core.config import RuntimeConfig
 from cloakbeam.core.stats import RunStats, is_stats
-from cloakbeam.transforms.dp import KEY_PURPOSE, DpSpec, DpStatistic, contributions
-
-
-class _Contributions(beam.DoFn):
-    """(privacy id digest, partition label, value) tuples of one statistic from a raw batch."""
-
-    def __init__(self, stat: DpStatistic, privacy_unit: str, runtime: RuntimeConfig) -> None:
-        self.stat = stat
-        self.privacy_unit = privacy_unit
-        self.runtime = runtime
-
-    def setup(self) -> None:
-        from cloakbeam.transforms.registry import ActionContext
-
-        self.ctx = ActionContext(self.runtime)
-
-    def teardown(self) -> None:
-        self.ctx.close()
-
-    def process(self, element: Any) -> Iterator[tuple[int, str, float]]:
-        if is_stats(element) or element.num_rows == 0:
-            return
-        from cloakbeam.transforms.protect import flatten_columns
-
-        columns = flatten_columns(element)
-        pids, keys, vals = contributions(columns, self.stat, self.privacy_unit, self.ctx.keys.prf_key(KEY_PURPOSE), element.num_rows)
-        yield from zip(pids, keys, vals)
+from cloakbeam.transforms.dp import (
+    KEY_PURPOSE,
+    DpPartial,
+    DpSpec,
+    DpStatistic,
+    PartitionTotals,
+    batch_partial,
+    bounded_totals,
+)
 
 
 def _params(stat: DpStatistic) -> Any:
@@ -85,8 +70,129 @@ def _as_stats(records: list[dict[str, Any]]) -> RunStats:
     return RunStats(extra={"dp_statistics": sorted(records, key=lambda r: r["name"])})
 
 
+def budgeted_combiner(stat: DpStatistic) -> Any:
+    """PipelineDP's compound combiner for `stat`, with its budget computed: exactly what `DPEngine.aggregate` builds
+    (same combiners, same scope, same NaiveBudgetAccountant split of the statistic's (epsilon, delta))."""
+    import pipeline_dp
+    from pipeline_dp import combiners
+
+    params = _params(stat)
+    accountant = pipeline_dp.NaiveBudgetAccountant(total_epsilon=stat.epsilon, total_delta=stat.delta)
+    with accountant.scope(weight=params.budget_weight):
+        combiner = combiners.create_compound_combiner(params, accountant)
+    accountant.compute_budgets()  # before the run: the mechanisms read their budget lazily
+    return combiner
+
+
+def middle_of(stat: DpStatistic) -> float:
+    from pipeline_dp import dp_computations
+
+    return dp_computations.compute_middle(stat.min_value, stat.max_value) if stat.metric == "mean" else 0.0
+
+
+def compound_accumulators(stat: DpStatistic, totals: PartitionTotals) -> list[tuple[str, Any]]:
+    """(partition, PipelineDP compound accumulator) per declared partition: the per-(unit, partition) accumulators
+    merged, plus the empty accumulator DPEngine adds for every public partition (row count + 1)."""
+    out = []
+    for i, label in enumerate(stat.partitions()):
+        if stat.metric == "count":
+            acc: Any = int(totals.count[i])
+        elif stat.metric == "sum":
+            acc = float(totals.total[i])
+        else:
+            acc = (int(totals.count[i]), float(totals.normalized[i]))
+        out.append((label, (int(totals.pairs[i]) + 1, (acc,))))
+    return out
+
+
+class _Partials(beam.DoFn):
+    """(statistic index, DpPartial) per statistic from a raw batch: contributions bounded per (unit, partition)."""
+
+    def __init__(self, spec: DpSpec, runtime: RuntimeConfig) -> None:
+        self.spec = spec
+        self.runtime = runtime
+
+    def setup(self) -> None:
+        from cloakbeam.transforms.registry import ActionContext
+
+        self.ctx = ActionContext(self.runtime)
+
+    def teardown(self) -> None:
+        self.ctx.close()
+
+    def process(self, element: Any) -> Iterator[tuple[int, DpPartial]]:
+        if is_stats(element) or element.num_rows == 0:
+            return
+        import time
+
+        from cloakbeam.transforms.protect import flatten_columns
+
+        t0 = time.perf_counter()
+        columns = flatten_columns(element)
+        key = self.ctx.keys.prf_key(KEY_PURPOSE)
+        for i, stat in enumerate(self.spec.statistics):
+            part = batch_partial(columns, stat, self.spec.privacy_unit, key, element.num_rows)
+            part.seconds = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            if len(part):
+                yield i, part
+
+
+class _MergePartials(beam.CombineFn):
+    """Concatenates partials of one statistic, keeping at most k contributions per (unit, partition)."""
+
+    def create_accumulator(self) -> list[DpPartial]:
+        return []
+
+    def add_input(self, acc: list[DpPartial], element: DpPartial) -> list[DpPartial]:
+        acc.append(element)
+        if len(acc) >= 16:
+            acc[:] = [self._merge(acc)]
+        return acc
+
+    def merge_accumulators(self, accs: Iterable[list[DpPartial]]) -> list[DpPartial]:
+        flat = [p for a in accs for p in a]
+        return [self._merge(flat)] if flat else []
+
+    def extract_output(self, acc: list[DpPartial]) -> DpPartial | None:
+        return self._merge(acc) if acc else None
+
+    @staticmethod
+    def _merge(parts: list[DpPartial]) -> DpPartial:
+        import time
+
+        t0 = time.perf_counter()
+        out = DpPartial.merge(parts)
+        out.seconds = float(sum(p.seconds for p in parts)) + time.perf_counter() - t0
+        return out
+
+
+def noisy_record(stat: DpStatistic, combiner: Any, partial: DpPartial | None) -> dict[str, Any]:
+    """Cross-partition bounding, then PipelineDP's `compute_metrics` (its noise) per public partition."""
+    totals = bounded_totals(partial if partial is not None else DpPartial.empty(stat.max_contributions_per_partition), stat, middle_of(stat))
+    rows = [(label, combiner.compute_metrics(acc)) for label, acc in compound_accumulators(stat, totals)]
+    bounds = (stat.min_value, stat.max_value) if stat.metric == "mean" and stat.min_value is not None and stat.max_value is not None else None
+    return _result_record(rows, stat.name, stat.metric, bounds)
+
+
+def _as_stats_of(pairs: list[tuple[int, DpPartial]], spec: DpSpec, combiners: list[Any]) -> RunStats:
+    import time
+
+    t0 = time.perf_counter()
+    got = dict(pairs)
+    records = [noisy_record(stat, combiners[i], got.get(i)) for i, stat in enumerate(spec.statistics)]
+    stats = _as_stats(records)
+    worker = sum(p.seconds for p in got.values())
+    stats.add_time("dp_statistics", worker + time.perf_counter() - t0)
+    return stats
+
+
 class ComputeDpStatistics(beam.PTransform):
-    """Every declared statistic over the raw records, with PipelineDP; yields exactly one RunStats."""
+    """Every declared statistic over the raw records; yields exactly one RunStats.
+
+    Vectorized: each batch is reduced to its bounded contributions (`DpPartial`, numpy over Arrow), partials are
+    combined per statistic, and PipelineDP's combiners (built and budgeted as DPEngine builds them) add the noise
+    per public partition. Partitions with no contribution are released too, as DPEngine does for public ones."""
 
     def __init__(self, spec: DpSpec, runtime: RuntimeConfig) -> None:
         super().__init__()
@@ -94,52 +200,14 @@ class ComputeDpStatistics(beam.PTransform):
         self.runtime = runtime
 
     def expand(self, pcoll: beam.PCollection) -> beam.PCollection:
-        ends = []
-        for i, stat in enumerate(self.spec.statistics):
-            rows = pcoll | f"Contributions{i}" >> beam.ParDo(_Contributions(stat, self.spec.privacy_unit, self.runtime))
-            ends.append(rows | f"Aggregate{i}" >> _Aggregate(stat))
+        combiners = [budgeted_combiner(stat) for stat in self.spec.statistics]
         return (
-            tuple(ends)
-            | "JoinStatistics" >> beam.Flatten()
+            pcoll
+            | "Partials" >> beam.ParDo(_Partials(self.spec, self.runtime))
+            | "MergePerStatistic" >> beam.CombinePerKey(_MergePartials())
             | "AllStatistics" >> beam.combiners.ToList()
-            | "AsRunStats" >> beam.Map(_as_stats)
+            | "AsRunStats" >> beam.Map(_as_stats_of, self.spec, combiners)
         )
-
-
-class _Aggregate(beam.PTransform):
-    """One statistic through PipelineDP in its own scope (its stage labels are prefixed by this one's), with its
-    own accountant holding exactly the statistic's (epsilon, delta)."""
-
-    def __init__(self, stat: DpStatistic) -> None:
-        super().__init__()
-        self.stat = stat
-
-    def expand(self, rows: beam.PCollection) -> beam.PCollection:
-        import pipeline_dp
-
-        stat = self.stat
-        accountant = pipeline_dp.NaiveBudgetAccountant(total_epsilon=stat.epsilon, total_delta=stat.delta)
-        engine = pipeline_dp.DPEngine(accountant, pipeline_dp.BeamBackend())
-        extractors = pipeline_dp.DataExtractors(privacy_id_extractor=_pid, partition_extractor=_partition, value_extractor=_value)
-        result = engine.aggregate(rows, _params(stat), extractors, public_partitions=stat.partitions())
-        accountant.compute_budgets()  # before the run: PipelineDP's mechanisms read their budget lazily
-        return (
-            result
-            | "Gather" >> beam.combiners.ToList()
-            | "Record" >> beam.Map(_result_record, stat.name, stat.metric, (stat.min_value, stat.max_value) if stat.metric == "mean" else None)
-        )
-
-
-def _pid(row: tuple[int, str, float]) -> int:
-    return row[0]
-
-
-def _partition(row: tuple[int, str, float]) -> str:
-    return row[1]
-
-
-def _value(row: tuple[int, str, float]) -> float:
-    return row[2]
 
 
 __all__ = ["ComputeDpStatistics"]

@@ -87,15 +87,26 @@ def protect_batch_with_rejects(
     batch: pa.RecordBatch, policy: CompiledPolicy, ctx: ActionContext, output_schema: pa.Schema | None = None
 ) -> tuple[pa.RecordBatch, list[tuple[int, str, str]]]:
     """Like `protect_batch`, also returning the rejected rows as (row index, reason, field), first reason wins."""
+    from time import perf_counter
+
     import numpy as np
 
     ctx.rejections = []
+    timers = getattr(ctx, "timers", None)
     columns = flatten_columns(batch)
+    t0 = perf_counter()
     for check in policy.checks:
         check(columns, ctx)
+    t1 = perf_counter()
+    if timers is not None and policy.checks:
+        timers["classify"] += t1 - t0
     out: dict[str, pa.Array] = {}
     for path, action in policy.output_actions.items():
         out[path] = action.apply(columns[path], columns, ctx)
+        if timers is not None:
+            t2 = perf_counter()
+            timers[getattr(action, "name", None) or type(action).__name__] += t2 - t1
+            t1 = t2
     schema = output_schema if output_schema is not None else policy.output_schema()
     protected = assemble(out, schema, _record_validity(batch), batch.num_rows)
     if not ctx.rejections:

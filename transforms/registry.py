@@ -58,6 +58,9 @@ class ActionContext:
     def __init__(self, runtime: Any = None) -> None:
         self.runtime = runtime
         self.stats: Counter[str] = Counter()
+        #: Wall seconds per action family ("tokenize", "scrub", ...) and "classify" (the policy's batch checks),
+        #: summed over batches by `protect_batch`; the Protect step carries them as stage timers "protect.<name>".
+        self.timers: Counter[str] = Counter()
         #: Rows an action could not protect, as (boolean row mask, reason code, field path); see reject_rows.
         self.rejections: list[tuple[Any, str, str]] = []
         self._keys: Any = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -116,6 +117,10 @@ class _ReadFileFn(beam.DoFn):
         damaged: list[dict[str, Any]] = []
         records = 0
         index = 0
+        # Stage timer "read": time inside this step only, not while a yielded batch runs through the fused steps
+        # downstream (Protect and Write run inside `yield` on the local runners).
+        seconds = 0.0
+        t0 = time.perf_counter()
         with readable.open(compression_type=beam.io.filesystem.CompressionTypes.AUTO) as fh:
             # read_source turns every parser failure into a rejection (never raises on bad input); what does raise
             # here is a key or storage failure while sealing, which must fail the run rather than lose records.
@@ -134,9 +139,13 @@ class _ReadFileFn(beam.DoFn):
                 meta[BATCH_ID_KEY] = f"{source_id}-{index:06d}".encode()
                 index += 1
                 self.progress.send("read", item.num_rows)
-                yield item.replace_schema_metadata(meta)
+                item = item.replace_schema_metadata(meta)
+                seconds += time.perf_counter() - t0
+                yield item
+                t0 = time.perf_counter()
         if entries:
             stats.files.append(write_quarantine(self.out_dir, path, entries))
+        stats.add_time("read", seconds + time.perf_counter() - t0)
         stats.counts["input"] += records
         stats.inputs[path] = {"bytes": size, "sha256": digest, "records": records, "format": fmt}
         if damaged:
@@ -198,23 +207,33 @@ class _ProtectFn(beam.DoFn):
         if is_stats(element):
             yield element
             return
+        t0 = time.perf_counter()
         meta = element.schema.metadata or {}
         out, rejected = self._protect(element, self.policy, self.ctx, self.output_schema)
         if self.split is not None:
             out = _with_split(out, element, rejected, self.split, self.ctx)
         if BATCH_ID_KEY in meta:
             out = out.replace_schema_metadata({**(out.schema.metadata or {}), BATCH_ID_KEY: meta[BATCH_ID_KEY]})
+        quarantined = None
         if rejected:
-            yield self._quarantine(element, rejected, meta.get(BATCH_ID_KEY, b"").decode() or batch_id(element), _window_label(window))
-        yield out
+            quarantined = self._quarantine(element, rejected, meta.get(BATCH_ID_KEY, b"").decode() or batch_id(element), _window_label(window))
         # Wrapped data keys made since the last batch travel to the manifest (extra.wrapped_keys), so
         # outputs stay decryptable even when protect and write run in different worker processes.
         keys = self.ctx._keys
         fresh = [r for r in keys.wrapped_keys_used() if r["key_id"] not in self._sent_keys] if keys is not None else []
         self._sent_keys |= {r["key_id"] for r in fresh}
-        if self.ctx.stats or fresh:
-            yield RunStats(fields=self.ctx.stats.copy(), extra={"wrapped_keys": fresh} if fresh else {})
-            self.ctx.stats.clear()
+        # Stage timers: the whole step ("protect") and each action family within it ("protect.<action>"),
+        # measured before anything is yielded (downstream steps run inside `yield` when fused).
+        stats = RunStats(fields=self.ctx.stats.copy(), extra={"wrapped_keys": fresh} if fresh else {})
+        for name, seconds in self.ctx.timers.items():
+            stats.add_time(f"protect.{name}", seconds)
+        stats.add_time("protect", time.perf_counter() - t0)
+        self.ctx.timers.clear()
+        self.ctx.stats.clear()
+        if quarantined is not None:
+            yield quarantined
+        yield out
+        yield stats
 
 
     def _quarantine(self, batch: pa.RecordBatch, rejected: list[tuple[int, str, str]], bid: str, window: str | None) -> RunStats:
@@ -304,11 +323,13 @@ class _WriteFn(beam.DoFn):
             return
         if element.num_rows == 0:
             return
+        t0 = time.perf_counter()
         kwargs = self.section.writer_kwargs(self.ctx) if self.section is not None else {}
         win = _window_label(window)
         stats = write_training_files(element, self.out_dir, kwargs, _key_metadata(self.ctx), window=win)
         self.progress.send("written", element.num_rows)
         out = RunStats()
+        out.add_time("write", time.perf_counter() - t0)
         out.files.extend(stats)
         out.counts["written"] += sum(f.rows for f in stats)
         yield out

@@ -103,7 +103,7 @@ def test_parquet_modular_encryption_same_answer_on_dask(tmp_path):
 
 
 def test_dp_statistics_and_splits_computed_on_every_runner(runs):
-    """PipelineDP's Beam backend runs on Dask too (its branch is joined by the graph's final Flatten): every
+    """The DP branch (per-batch partials, PipelineDP's noise) runs on Dask too (its branch is joined by the graph's final Flatten): every
     runner reports every statistic with fresh noise, the same spent budget and the same split counts."""
     values = {}
     for label, (manifest, _) in runs.items():
