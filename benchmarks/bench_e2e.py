@@ -80,11 +80,12 @@ class _RssSampler(threading.Thread):
         return self.peak_kb
 
 
-def _cli_run(src: Path, out: Path, state: Path, config: Path | None, workers: int | None, batch: int) -> tuple[float, int, int]:
-    from cloakbeam.schemas.generate import REFERENCE_POLICY_PATH, SCHEMA_PATH
+def _cli_run(src: Path, out: Path, state: Path, config: Path | None, workers: int | None, batch: int,
+             policy: Path) -> tuple[float, int, int]:
+    from cloakbeam.schemas.generate import SCHEMA_PATH
 
     cmd = [sys.executable, "-m", "cloakbeam.cli.main", "run", "--input", str(src), "--schema", str(SCHEMA_PATH),
-           "--policy", str(REFERENCE_POLICY_PATH), "--output", str(out), "--state-dir", str(state), "--dev",
+           "--policy", str(policy), "--output", str(out), "--state-dir", str(state), "--dev",
            "--overwrite", "--batch-size", str(batch)]
     if config is not None:
         cmd += ["--config", str(config)]
@@ -197,11 +198,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=65_536)
     ap.add_argument("--peer", choices=("presidio",), default=None)
     ap.add_argument("--peer-rows", type=int, default=5_000, help="rows the peer runs on (default 5000; it is slow)")
+    ap.add_argument("--policy", default=None,
+                    help="policy file (default: the reference policy, schemas/customers.policy.yaml)")
     ap.add_argument("--json", action="store_true", help="one JSON line instead of a table")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "cloakbeam-bench"))
     args = ap.parse_args(argv)
 
-    from cloakbeam.schemas.generate import generate
+    from cloakbeam.schemas.generate import REFERENCE_POLICY_PATH, generate
+
+    policy = Path(args.policy) if args.policy else REFERENCE_POLICY_PATH
+    if not policy.is_file():
+        ap.error(f"--policy {policy}: no such file; give a policy YAML file or leave --policy out for the reference policy")
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -213,16 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(out, ignore_errors=True)
     config = _postgres_config(state) if args.backend == "postgres" else None
     if args.vault == "populated":
-        _, _, code = _cli_run(src, work / "e2e-warm", state, config, args.workers, args.batch_size)
+        _, _, code = _cli_run(src, work / "e2e-warm", state, config, args.workers, args.batch_size, policy)
         shutil.rmtree(work / "e2e-warm", ignore_errors=True)
         if code != 0:
             return code
-    seconds, peak_kb, code = _cli_run(src, out, state, config, args.workers, args.batch_size)
+    seconds, peak_kb, code = _cli_run(src, out, state, config, args.workers, args.batch_size, policy)
     if code != 0:
         return code
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     result: dict[str, Any] = {
-        "bench": "e2e", "rows": args.rows, "seconds": round(seconds, 2), "rows_per_s": round(args.rows / seconds),
+        "bench": "e2e", "policy": str(policy), "rows": args.rows, "seconds": round(seconds, 2), "rows_per_s": round(args.rows / seconds),
         "peak_rss_mb": round(peak_kb / 1024), "vault": args.vault, "backend": args.backend, "workers": args.workers,
         "batch_size": args.batch_size, "counts": manifest["counts"], "stages": manifest.get("stages", {}),
         "cpus": os.cpu_count(), "python": platform.python_version(), "load": round(os.getloadavg()[0], 2),
