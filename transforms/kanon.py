@@ -907,6 +907,8 @@ class Plan:
     suppress_keys: list[str] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
     _keys: pa.Array | None = field(default=None, repr=False, compare=False)
+    #: Seconds the lattice search took (the stage timer "k_anonymity.search"; never part of the report).
+    search_seconds: float = field(default=0.0, repr=False, compare=False)
 
     def key_array(self) -> pa.Array:
         """The suppression keys as one Arrow array, built once per worker (the value set of `is_in`)."""

@@ -22,6 +22,7 @@ search and suppresses the records whose class cannot reach k (or l) by that dead
 from __future__ import annotations
 
 import datetime as _dt
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -107,19 +108,26 @@ class _ApplyPlan(beam.DoFn):
         if isinstance(element, RunStats):
             yield element
             return
+        t0 = time.perf_counter()
         out, suppressed = enforce_table(element, self.spec, plan)
+        stats = RunStats(counts=Counter({"suppressed": suppressed}) if suppressed else Counter())
+        stats.add_time("k_anonymity.apply", time.perf_counter() - t0)
         if out.num_rows:
             yield out
-        if suppressed:
-            yield RunStats(counts=Counter({"suppressed": suppressed}))
+        yield stats
 
 
 def _plan(freq: pa.Table | None, spec: KAnonSpec) -> Plan:
-    return make_plan(freq, spec)
+    t0 = time.perf_counter()
+    plan = make_plan(freq, spec)
+    plan.search_seconds = time.perf_counter() - t0
+    return plan
 
 
 def _report_stats(plan: Plan) -> RunStats:
-    return RunStats(extra={"k_anonymity": plan.report})
+    stats = RunStats(extra={"k_anonymity": plan.report})
+    stats.add_time("k_anonymity.search", plan.search_seconds)
+    return stats
 
 
 class EnforceKAnonymity(beam.PTransform):
@@ -154,7 +162,10 @@ class _SketchBatch(beam.DoFn):
     def process(self, element: Any) -> Iterator[ScanSketch]:
         if isinstance(element, RunStats) or element.num_rows == 0:
             return
-        yield sketch_batch(_columns(element), self.spec)
+        t0 = time.perf_counter()
+        sketch = sketch_batch(_columns(element), self.spec)
+        sketch.seconds += time.perf_counter() - t0
+        yield sketch
 
 
 class _MergeSketches(beam.CombineFn):
@@ -177,7 +188,10 @@ class _MergeSketches(beam.CombineFn):
 
 
 def _scan_report(sketch: ScanSketch, spec: ScanSpec) -> RunStats:
-    return RunStats(extra={"uniqueness": evaluate(sketch, spec)})
+    t0 = time.perf_counter()
+    stats = RunStats(extra={"uniqueness": evaluate(sketch, spec)})
+    stats.add_time("uniqueness", sketch.seconds + time.perf_counter() - t0)
+    return stats
 
 
 class ScanUniqueness(beam.PTransform):

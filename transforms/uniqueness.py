@@ -211,18 +211,22 @@ class ComboSketch:
 
 @dataclass
 class ScanSketch:
-    """The scan's accumulator: one ComboSketch per measured combination, and the number of records."""
+    """The scan's accumulator: one ComboSketch per measured combination, and the number of records.
+    `seconds`: worker seconds spent sketching (the stage timer; never part of the report's figures)."""
 
     rows: int = 0
     combos: list[ComboSketch] = field(default_factory=list)
+    seconds: float = field(default=0.0, compare=False)
 
     def merge(self, other: ScanSketch, size: int) -> ScanSketch:
+        seconds = self.seconds + other.seconds
         if not other.combos:
             self.rows += other.rows
+            self.seconds = seconds
             return self
         if not self.combos:
-            return ScanSketch(self.rows + other.rows, list(other.combos))
-        return ScanSketch(self.rows + other.rows, [a.merge(b, size) for a, b in zip(self.combos, other.combos)])
+            return ScanSketch(self.rows + other.rows, list(other.combos), seconds)
+        return ScanSketch(self.rows + other.rows, [a.merge(b, size) for a, b in zip(self.combos, other.combos)], seconds)
 
 
 def sketch_batch(columns: Mapping[str, pa.Array], spec: ScanSpec) -> ScanSketch:

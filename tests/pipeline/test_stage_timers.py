@@ -14,6 +14,15 @@ from cloakbeam.pipeline.manifest import stage_seconds
 from cloakbeam.tests.paths import POLICY, SCHEMA
 
 
+def test_sketch_seconds_are_summed_by_merge_and_not_compared():
+    from cloakbeam.transforms.uniqueness import ScanSketch
+
+    a, b = ScanSketch(rows=3, seconds=0.5), ScanSketch(rows=4, seconds=0.25)
+    merged = a.merge(b, 16)
+    assert merged.rows == 7 and merged.seconds == 0.75
+    assert ScanSketch(rows=7, seconds=9.0) == merged  # the timer is not part of the figures
+
+
 def test_timers_merge_by_summing():
     a = RunStats(timers=Counter({"read": 0.5, "protect": 1.0}))
     b = RunStats(timers=Counter({"protect": 2.0, "write": 0.25}))
@@ -37,7 +46,8 @@ def test_a_run_records_positive_seconds_for_the_stages_its_policy_uses(tmp_path)
     manifest = run("many", 200)  # six batches: the per-batch timers are summed
     stages = manifest["stages"]
     used = {"prepare", "graph", "read", "protect", "write", "dp_statistics", "protect.classify", "protect.tokenize",
-            "protect.scrub", "protect.encrypt", "protect.mask", "protect.generalize"}
+            "protect.scrub", "protect.encrypt", "protect.mask", "protect.generalize",
+            "k_anonymity.search", "k_anonymity.apply", "uniqueness"}
     assert used <= set(stages), sorted(used - set(stages))
     assert all(stages[name] > 0 for name in used), {n: stages[n] for n in used}
     # The action families are part of the protect step, which is part of the graph's run.

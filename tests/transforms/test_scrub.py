@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from cloakbeam.errors import PolicyError
@@ -161,3 +161,47 @@ def test_partially_overlapping_linked_value_and_detector_span(tmp_path):
     )
     text = out[0].as_py()
     assert "AB12" not in text and "a@b.example" not in text and "b.example" not in text
+
+
+_TYPES = st.sampled_from(["EMAIL", "PHONE", "PERSON_NAME", "PERSON_NAME:first", "PERSON_NAME:last", "US_SSN"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet="ab .\n-@", max_size=60),
+       raw=st.lists(st.tuples(st.integers(0, 60), st.integers(1, 12), _TYPES), max_size=8))
+@example(text="Li  Na and Li Na", raw=[(0, 2, "PERSON_NAME:last"), (4, 2, "PERSON_NAME:last"), (10, 2, "EMAIL"),
+                                      (13, 2, "PHONE")])
+@example(text="ab ab\nab", raw=[(0, 2, "EMAIL"), (3, 2, "EMAIL"), (6, 2, "EMAIL")])
+def test_placeholder_splice_gives_the_text_presidio_gives(text, raw):
+    """The placeholder mode splices spans itself (no presidio import, no per-span objects); for any disjoint
+    spans it must give presidio AnonymizerEngine's text and replaced types, whitespace merging included."""
+    from presidio_anonymizer import AnonymizerEngine
+    from presidio_anonymizer.entities import OperatorConfig, RecognizerResult
+
+    from cloakbeam.transforms.scrub import _outermost, splice_placeholders
+
+    found = [(s, min(s + w, len(text)), t) for s, w, t in raw if s < len(text)]
+    spans = _outermost(found)
+    ops = {t: OperatorConfig("replace", {"new_value": f"<{t.split(':')[0]}>"}) for t in
+           ["EMAIL", "PHONE", "PERSON_NAME", "PERSON_NAME:first", "PERSON_NAME:last", "US_SSN"]}
+    ref = AnonymizerEngine().anonymize(text=text, analyzer_results=[RecognizerResult(t, s, e, 1.0) for s, e, t in spans],
+                                       operators=ops)
+    got, types = splice_placeholders(text, spans)
+    assert got == ref.text
+    assert sorted(types) == sorted(i.entity_type.split(":")[0] for i in ref.items)
+
+
+def test_placeholder_mode_does_not_import_presidio(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys, pyarrow as pa\n"
+            "from cloakbeam.tests.classify_fixtures import make_action, make_ctx\n"
+            "import pathlib, tempfile\n"
+            "ctx = make_ctx(pathlib.Path(tempfile.mkdtemp()) / 'k.json')\n"
+            "out = make_action('scrub', 'notes').apply(pa.array(['mail jane.roe@example.org']), {}, ctx)\n"
+            "assert out.to_pylist() == ['mail <EMAIL>'], out\n"
+            "print('presidio_anonymizer' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "False"
