@@ -256,12 +256,21 @@ def build_graph(p: Any, run: PreparedRun) -> None:
     protected = records | "ProtectRecords" >> ProtectRecords(run.policy, run.runtime, run.out_dir)
     kanon = run.policy.sections.get("k_anonymity")
     if kanon is not None:
-        protected = protected | "EnforceKAnonymity" >> kanon.batch_transform(run.runtime)
+        protected = protected | "EnforceKAnonymity" >> kanon.batch_transform(run.runtime, spill_dir=_spill_dir(run))
     written = protected | "WriteTrainingParquet" >> WriteTrainingParquet(run.out_dir, run.runtime, run.policy)
     ends = [written] + _scan_branch(protected, run) + _evidence_branches(records, run)
     if len(ends) > 1:  # one final Flatten joins every end: the DaskRunner computes a single leaf (BEAM-NOTES)
         written = tuple(ends) | "JoinEvidence" >> beam.Flatten()
     _ = written | "CollectRunStats" >> CollectRunStats(run.stats_path)
+
+
+def _spill_dir(run: PreparedRun) -> str | None:
+    """Where batch k-anonymity spills protected batches while its plan is searched: the run's private directory
+    beside the stats file (removed with it when the run ends; with the staging directory when it fails). Remote
+    outputs (gs://, s3://) keep the in-memory path: a spill must be readable by every worker."""
+    if not fsio.is_local(run.stats_path):
+        return None
+    return os.path.join(os.path.dirname(run.stats_path), "kanon-spill")
 
 
 def _scan_branch(released: Any, run: PreparedRun) -> list[Any]:

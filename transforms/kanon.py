@@ -1105,11 +1105,12 @@ class KAnonymitySection:
     def __init__(self, spec: KAnonSpec) -> None:
         self.spec = spec
 
-    def batch_transform(self, runtime: Any = None) -> Any:
-        """PTransform over RecordBatch | RunStats elements enforcing k (and l) over the whole input."""
+    def batch_transform(self, runtime: Any = None, spill_dir: str | None = None) -> Any:
+        """PTransform over RecordBatch | RunStats elements enforcing k (and l) over the whole input; with
+        `spill_dir` (local, private to the run) protected batches wait for the plan in encrypted spill files."""
         from cloakbeam.transforms.kanon_beam import EnforceKAnonymity
 
-        return EnforceKAnonymity(self.spec)
+        return EnforceKAnonymity(self.spec, spill_dir=spill_dir, runtime=runtime if spill_dir else None)
 
     def streaming_transform(self, runtime: Any = None) -> Any:
         """PTransform enforcing k per fixed window with a bounded delay; emits per-window RunStats."""

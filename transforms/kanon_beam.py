@@ -22,9 +22,12 @@ search and suppresses the records whose class cannot reach k (or l) by that dead
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
@@ -34,6 +37,7 @@ from apache_beam.transforms import window as _window
 from apache_beam.utils.timestamp import Duration
 
 from cloakbeam.core.stats import RunStats
+from cloakbeam.errors import IntegrityError
 from cloakbeam.transforms.kanon import (
     AnonymityTargetError,
     KAnonSpec,
@@ -43,6 +47,7 @@ from cloakbeam.transforms.kanon import (
     make_plan,
     merge_frequency_sets,
 )
+from cloakbeam.transforms.spill import read_spill, write_spill
 from cloakbeam.transforms.uniqueness import ScanSketch, ScanSpec, evaluate, merge_sketches, sketch_batch
 
 _COMPACT_ROWS = 200_000  # compact a combiner accumulator once its pending tables exceed this many rows
@@ -130,12 +135,96 @@ def _report_stats(plan: Plan) -> RunStats:
     return stats
 
 
-class EnforceKAnonymity(beam.PTransform):
-    """Batch k-anonymity (and l-diversity) over the whole PCollection; fails the run when the target is unreachable."""
+@dataclass(frozen=True)
+class SpillRef:
+    """A protected batch waiting on disk for the plan (`cloakbeam.transforms.spill`): its file name and rows."""
 
-    def __init__(self, spec: KAnonSpec) -> None:
+    name: str
+    rows: int
+
+
+def _spill_key(ctx: Any) -> bytes:
+    # Derived by every worker from the keyring it already holds; bound to the run, never written anywhere.
+    return bytes(ctx.keys.prf_key(f"kanon-spill/{ctx.run_id}"))
+
+
+class _SpillBatch(beam.DoFn):
+    """Write each protected batch to an encrypted spill file and pass on only its reference (RunStats pass)."""
+
+    def __init__(self, spill_dir: str, runtime: Any) -> None:
+        self.spill_dir = spill_dir
+        self.runtime = runtime
+
+    def setup(self) -> None:
+        from cloakbeam.transforms.registry import ActionContext
+
+        self.ctx = ActionContext(self.runtime)
+        self.key = _spill_key(self.ctx)
+        os.makedirs(self.spill_dir, mode=0o700, exist_ok=True)
+
+    def teardown(self) -> None:
+        self.ctx.close()
+
+    def process(self, element: Any) -> Iterator[Any]:
+        if isinstance(element, RunStats):
+            yield element
+            return
+        if element.num_rows == 0:
+            return
+        t0 = time.perf_counter()
+        name = f"{uuid.uuid4().hex}.spill"
+        write_spill(element, os.path.join(self.spill_dir, name), self.key, f"{self.ctx.run_id}/{name}")
+        stats = RunStats()
+        stats.add_time("k_anonymity.spill", time.perf_counter() - t0)
+        yield SpillRef(name, element.num_rows)
+        yield stats
+
+
+class _ApplyPlanFromSpill(_ApplyPlan):
+    """`_ApplyPlan` over spill references: read one batch back, generalize, suppress, delete nothing (the run's
+    private directory goes as a whole, so a retried bundle can read its files again)."""
+
+    def __init__(self, spec: KAnonSpec, spill_dir: str, runtime: Any) -> None:
+        super().__init__(spec)
+        self.spill_dir = spill_dir
+        self.runtime = runtime
+
+    def setup(self) -> None:
+        from cloakbeam.transforms.registry import ActionContext
+
+        self.ctx = ActionContext(self.runtime)
+        self.key = _spill_key(self.ctx)
+
+    def teardown(self) -> None:
+        self.ctx.close()
+
+    def process(self, element: Any, plan: Plan) -> Iterator[Any]:
+        if isinstance(element, SpillRef):
+            t0 = time.perf_counter()
+            batch = read_spill(os.path.join(self.spill_dir, element.name), self.key, f"{self.ctx.run_id}/{element.name}")
+            if batch.num_rows != element.rows:
+                raise IntegrityError(f"k-anonymity spill file {element.name} holds {batch.num_rows} rows, not {element.rows}")
+            stats = RunStats()
+            stats.add_time("k_anonymity.spill", time.perf_counter() - t0)
+            yield stats
+            element = batch
+        yield from super().process(element, plan)
+
+
+class EnforceKAnonymity(beam.PTransform):
+    """Batch k-anonymity (and l-diversity) over the whole PCollection; fails the run when the target is unreachable.
+
+    With `spill_dir` (a local directory private to the run) the protected batches wait for the plan in encrypted
+    spill files and only their references pass between stages, so memory does not grow with the input; without
+    it (remote outputs) the runner holds them until the plan is ready."""
+
+    def __init__(self, spec: KAnonSpec, spill_dir: str | None = None, runtime: Any = None) -> None:
         super().__init__()
+        if spill_dir is not None and runtime is None:
+            raise ValueError("EnforceKAnonymity: spilling needs the runtime (its keyring derives the spill key)")
         self.spec = spec
+        self.spill_dir = spill_dir
+        self.runtime = runtime
 
     def expand(self, pcoll: beam.PCollection) -> beam.PCollection:
         spec = self.spec
@@ -145,7 +234,13 @@ class EnforceKAnonymity(beam.PTransform):
             | "MergeCounts" >> beam.CombineGlobally(_MergeFrequencies())
             | "SearchLattice" >> beam.Map(_plan, spec)
         )
-        released = pcoll | "GeneralizeSuppress" >> beam.ParDo(_ApplyPlan(spec), plan=beam.pvalue.AsSingleton(plan))
+        if self.spill_dir is None:
+            released = pcoll | "GeneralizeSuppress" >> beam.ParDo(_ApplyPlan(spec), plan=beam.pvalue.AsSingleton(plan))
+        else:
+            refs = pcoll | "Spill" >> beam.ParDo(_SpillBatch(self.spill_dir, self.runtime))
+            released = refs | "GeneralizeSuppress" >> beam.ParDo(
+                _ApplyPlanFromSpill(spec, self.spill_dir, self.runtime), plan=beam.pvalue.AsSingleton(plan)
+            )
         report = plan | "ReportStats" >> beam.Map(_report_stats)
         return (released, report) | "JoinReport" >> beam.Flatten()
 

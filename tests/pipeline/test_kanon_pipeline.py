@@ -61,6 +61,49 @@ def test_read_protect_enforce_with_assert_that(tmp_path, reference_inputs):
         assert_that(out, check)
 
 
+def test_spilling_gives_the_same_levels_and_suppresses_the_same_records(tmp_path, reference_inputs):
+    """Bounded memory (protected batches wait for the plan in encrypted spill files) changes nothing released:
+    same levels, same suppressed count, the same records (deterministic columns), against the in-memory path."""
+    import json
+
+    schema = load_schema(SCHEMA)
+    policy = load_policy(POLICY, schema)
+    ring = tmp_path / "ring.json"
+    ensure_local_keyring(ring)
+    runtime = RuntimeConfig(run_id="r", dataset_id=policy.dataset, state_dir=str(tmp_path), keys=KeyRef("local", str(ring)),
+                            vault={"backend": "sqlite", "path": str(tmp_path / "vault.sqlite")})
+    spill = tmp_path / "spill"
+    cols = ["customer_id"] + QIS + ["diagnosis"]
+
+    def run(name, spill_dir):
+        def save(elements):
+            rows = sorted(json.dumps(r, sort_keys=True, default=str) for e in elements if not isinstance(e, RunStats)
+                          for r in e.select(cols).to_pylist())
+            stats = RunStats.merged([e for e in elements if isinstance(e, RunStats)])
+            rep = stats.extra["k_anonymity"]
+            (tmp_path / f"{name}.json").write_text(json.dumps({"rows": rows, "levels": rep["levels"],
+                                                               "suppressed": stats.counts["suppressed"],
+                                                               "spill_seconds": stats.timers.get("k_anonymity.spill", 0)}))
+
+        with TestPipeline() as p:
+            out = (p | ReadRecords([reference_inputs["jsonl"]["path"]], schema, str(tmp_path / name), runtime, 700)
+                     | ProtectRecords(policy, runtime)
+                     | "EnforceKAnonymity" >> policy.sections["k_anonymity"].batch_transform(runtime, spill_dir=spill_dir))
+            assert_that(out, save)
+        return json.loads((tmp_path / f"{name}.json").read_text())
+
+    held, spilled = run("held", None), run("spilled", str(spill))
+    assert held["rows"] and spilled["rows"] == held["rows"]
+    assert spilled["levels"] == held["levels"] and spilled["suppressed"] == held["suppressed"] > 0
+    assert held["spill_seconds"] == 0 < spilled["spill_seconds"]
+    files = sorted(os.listdir(spill))
+    assert len(files) == -(-3000 // 700) and all(f.endswith(".spill") for f in files)  # one file per protected batch
+    raw = b"".join((spill / f).read_bytes() for f in files)
+    sample = pa.concat_tables([pq.read_table(reference_inputs["parquet"]["path"])]).column("zip").to_pylist()[:50]
+    assert not any(z.encode() in raw for z in sample if z)  # full-detail quasi-identifiers are not on disk in the clear
+    assert oct(os.stat(spill).st_mode & 0o777) == oct(0o700)
+
+
 def test_run_pipeline_reference_policy_output_is_k_anonymous(tmp_path, reference_inputs):
     manifest = run_pipeline(RunSettings(dev=True, inputs=[reference_inputs["parquet"]["path"]], schema=str(SCHEMA), policy=str(POLICY),
                                         output=str(tmp_path / "out"), batch_size=500, progress=False))
@@ -72,6 +115,8 @@ def test_run_pipeline_reference_policy_output_is_k_anonymous(tmp_path, reference
     for key in ("levels", "class_size_histogram", "prosecutor_risk", "journalist_risk", "marketer_risk", "information_loss"):
         assert key in rep
     assert "k=" in sec["summary"]
+    assert manifest["stages"]["k_anonymity.spill"] > 0  # the batches waited in spill files ...
+    assert not os.path.exists(tmp_path / "out" / ".cloakbeam-run")  # ... which went with the run's private directory
     table = pa.concat_tables([pq.read_table(f) for f in sorted(glob.glob(os.path.join(tmp_path, "out", "data", "**", "*.parquet"), recursive=True))])
     assert table.num_rows == c["written"]
     for q in QIS:
