@@ -18,6 +18,9 @@ class CellError(Exception):
 def encrypt_cells(deterministic: bool, key: bytes, key_id: bytes, aad: bytes, view: View) -> tuple[bytes | None, bytes, bytes, int]:
     """(validity, int32 offsets, cell data, null count) of the encrypted column."""
 
+def encrypt_cells_keyed(keys: bytes, key_ids: bytes, aads: list[bytes], key_index: bytes, view: View) -> tuple[bytes | None, bytes, bytes, int]:
+    """(validity, int32 offsets, cell data, null count): row i under key key_index[i] (AES-256-GCM)."""
+
 def scan_cells(view: View) -> tuple[int | None, tuple[int, bool] | None, list[tuple[int, bytes, int]]]:
     """(first truncated row, (first bad row, unknown version?), [(version, key id, first row)])."""
 

@@ -282,9 +282,10 @@ def encrypt_column_keyed(
 
     Same cell format v1 as `encrypt_column`: each cell carries its own key id in the header and in its
     associated data, so `decrypt_column` (or `decrypt_column_keyed` for columns with many keys) reads it back.
-    Used for subject-linked columns, where every data subject has a key of its own. Headers and nonces are
-    written with numpy like `encrypt_column` (one `os.urandom` draw per call); the per-cell AEAD call runs in
-    the kernel's `gcm_encrypt_keyed` loop.
+    Used for subject-linked columns, where every data subject has a key of its own. With the native kernel and
+    keys that carry their raw material, the whole column is one native call (`encrypt_cells_keyed`: nonces
+    drawn inside it). Otherwise headers and nonces are written with numpy like `encrypt_column` (one
+    `os.urandom` draw per call) and the per-cell AEAD call runs in the kernel's `gcm_encrypt_keyed` loop.
     """
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
@@ -296,6 +297,12 @@ def encrypt_column_keyed(
         raise ValueError(f"column '{column}': key_index must have one entry per row")
     if any(getattr(k, "deterministic", False) for k in keys):
         raise ValueError(f"column '{column}': per-row keys must be random-mode (AES-256-GCM) data keys")
+    materials = [native.raw_key(k) for k in keys] if _KERNEL.whole_column else []
+    if keys and materials and all(m is not None and len(m) == 32 for m in materials):
+        if not is_supported_type(arr.type):
+            raise TypeError(f"cannot encrypt a column of type {arr.type}")
+        aads = [cell_aad(CELL_GCM, k.key_id, dataset, column) for k in keys]
+        return native.encrypt_cells_keyed(arr, materials, [k.key_id for k in keys], aads, key_index, column)  # type: ignore[arg-type]
     start, end, data, valid = _plain_view(arr)
     idx = np.flatnonzero(valid)
     if len(idx) and (key_index[idx].min() < 0 or key_index[idx].max() >= len(keys)):

@@ -69,14 +69,23 @@ class DataKey:
     `_native_material()` alone, and is in no repr, pickle or record.
     """
 
-    __slots__ = ("key_id", "deterministic", "aead", "record", "_material")
+    __slots__ = ("key_id", "deterministic", "_aead", "record", "_material")
 
     def __init__(self, key_id: bytes, deterministic: bool, aead: Any, record: dict[str, Any], material: bytes | None = None) -> None:
         self.key_id = key_id
         self.deterministic = deterministic
-        self.aead = aead
+        self._aead = aead
         self.record = record
         self._material = material
+
+    @property
+    def aead(self) -> Any:
+        """The `cryptography` AEAD object; made on first use when the key was built from its material with
+        `aead=None` (a cryptography AESGCM holds ~2.4 KB of native state: caches of many subject keys for
+        the native kernel, which needs the material only, do not pay it)."""
+        if self._aead is None and self._material is not None:
+            self._aead = _aead_for(ALG_SIV if self.deterministic else ALG_GCM, self._material)
+        return self._aead
 
     def _native_material(self) -> bytes | None:
         """The raw key for `cloakbeam.keys.native` (None when this key was built without it)."""

@@ -932,7 +932,7 @@ class Vault:
             if len(self._column_keys) > 200_000:
                 self._column_keys.clear()
             for c, k, m in zip(cell_ids, missing, materials):
-                self._column_keys[(batch.seal_id, k)] = DataKey(c, False, AESGCM(m), {"key_id": c.hex(), "alg": ALG_GCM, "subject_keyed": True}, m)
+                self._column_keys[(batch.seal_id, k)] = DataKey(c, False, None, {"key_id": c.hex(), "alg": ALG_GCM, "subject_keyed": True}, m)
             out = [self._column_keys[(batch.seal_id, k)] for k in kids]
         return out
 

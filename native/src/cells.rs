@@ -126,6 +126,56 @@ pub fn encrypt(deterministic: bool, key: &[u8], key_id: &[u8; KEY_ID_LEN], aad: 
     }
 }
 
+/// Encrypt every valid cell of `view` under its own AES-256-GCM key (subject-linked columns): row `i` uses key
+/// `k = key_index[i]` (int64 little-endian), i.e. `keys[32k..32k+32]`, key id `key_ids[8k..8k+8]` and associated
+/// data `aads[k]`. Same cell format and nonce source as `encrypt`; a row naming no given key fails with
+/// "key_index". The key schedule is made once per run of rows that share a key.
+pub fn encrypt_keyed(keys: &[u8], key_ids: &[u8], aads: &[Vec<u8>], key_index: &[u8], view: &View<'_>, offsets: &[u8], out: &mut [std::mem::MaybeUninit<u8>]) -> Result<(), Fail> {
+    let start = |i: usize| read_off32(offsets, i);
+    let n = view.len;
+    let nk = aads.len();
+    run_chunks(n, view.value_bytes(), out, &start, |range, out| {
+        let base = start(range.start);
+        let mut nonces = vec![0u8; NONCE_LEN * NONCE_BLOCK.min(range.len())];
+        let mut used = nonces.len() / NONCE_LEN;
+        let mut current: Option<(usize, LessSafeKey)> = None;
+        for i in range.clone() {
+            if !view.is_valid(i) {
+                continue;
+            }
+            let k = i64::from_le_bytes(key_index[8 * i..8 * i + 8].try_into().unwrap());
+            if k < 0 || k as usize >= nk {
+                return Err(Fail { code: "key_index", row: i });
+            }
+            let k = k as usize;
+            if current.as_ref().map(|c| c.0) != Some(k) {
+                current = Some((k, gcm_key(&keys[32 * k..32 * k + 32])?));
+            }
+            let cipher = &current.as_ref().unwrap().1;
+            if used * NONCE_LEN == nonces.len() {
+                let want = NONCE_BLOCK.min(range.end - i);
+                nonces.truncate(NONCE_LEN * want);
+                getrandom::fill(&mut nonces).map_err(|_| Fail { code: "random", row: i })?;
+                used = 0;
+            }
+            let nonce = &nonces[NONCE_LEN * used..NONCE_LEN * (used + 1)];
+            used += 1;
+            let pt = view.value(i);
+            let s = start(i) - base;
+            let cell = &mut out[s..s + pt.len() + GCM_OVERHEAD];
+            cell[0] = CELL_GCM;
+            cell[1..1 + KEY_ID_LEN].copy_from_slice(&key_ids[KEY_ID_LEN * k..KEY_ID_LEN * (k + 1)]);
+            cell[1 + KEY_ID_LEN..GCM_HEADER].copy_from_slice(nonce);
+            let (ct, tag_dst) = cell[GCM_HEADER..].split_at_mut(pt.len());
+            ct.copy_from_slice(pt);
+            let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| Fail { code: "internal", row: i })?;
+            let tag = cipher.seal_in_place_separate_tag(nonce, Aad::from(&aads[k][..]), ct).map_err(|_| Fail { code: "encrypt", row: i })?;
+            tag_dst.copy_from_slice(tag.as_ref());
+        }
+        Ok(())
+    })
+}
+
 /// Result of checking a column's cell structure before any key is looked up.
 pub struct Scan {
     /// First valid cell shorter than version byte + key id.

@@ -80,6 +80,38 @@ fn encrypt_cells<'py>(py: Python<'py>, deterministic: bool, key: &[u8], key_id: 
     Ok((bits, offsets, data, nulls))
 }
 
+/// Encrypt every valid cell under its own AES-256-GCM key (`cells::encrypt_keyed`): `keys` is k raw 32-byte
+/// keys back to back, `key_ids` k 8-byte ids, `aads` k associated-data strings, `key_index` one int64 (LE) per
+/// row. Returns (validity, int32 offsets, data, nulls).
+#[pyfunction]
+#[pyo3(signature = (keys, key_ids, aads, key_index, view))]
+fn encrypt_cells_keyed<'py>(py: Python<'py>, keys: &[u8], key_ids: &[u8], aads: Vec<Vec<u8>>, key_index: &[u8], view: ViewArgs<'py>) -> PyResult<Buffers<'py>> {
+    let k = aads.len();
+    if keys.len() != 32 * k || key_ids.len() != cells::KEY_ID_LEN * k {
+        return Err(PyValueError::new_err("keyed encryption needs 32 key bytes, 8 key id bytes and one associated data per key"));
+    }
+    let held = Held::get(&view)?;
+    let v = View::new(&view, &held)?;
+    if key_index.len() != 8 * v.len {
+        return Err(PyValueError::new_err("key_index must hold one int64 per row"));
+    }
+    let mut too_large = false;
+    let offsets = PyBytes::new_with(py, 4 * (v.len + 1), |o| {
+        too_large = cells::encrypt_offsets(&v, cells::GCM_OVERHEAD, o).is_none();
+        Ok(())
+    })?;
+    if too_large {
+        return Err(cell_error(Fail { code: "too_large", row: 0 }));
+    }
+    let obytes = offsets.as_bytes();
+    let total = cells::read_off32(obytes, v.len);
+    let data = new_bytes(py, total, |out| {
+        py.detach(|| cells::encrypt_keyed(keys, key_ids, &aads, key_index, &v, obytes, out)).map_err(cell_error)
+    })?;
+    let (bits, nulls) = validity(py, &v);
+    Ok((bits, offsets, data, nulls))
+}
+
 /// Check the structure of a column of cells: (first short row, (first bad row, unknown version?),
 /// [(version, key id, first row)] in the order the reference kernel visits them).
 #[pyfunction]
@@ -236,6 +268,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PARALLEL_MIN_CELLS", par::PARALLEL_MIN_CELLS)?;
     m.add("PARALLEL_MIN_BYTES", par::PARALLEL_MIN_BYTES)?;
     m.add_function(wrap_pyfunction!(encrypt_cells, m)?)?;
+    m.add_function(wrap_pyfunction!(encrypt_cells_keyed, m)?)?;
     m.add_function(wrap_pyfunction!(scan_cells, m)?)?;
     m.add_function(wrap_pyfunction!(decrypt_cells, m)?)?;
     m.add_function(wrap_pyfunction!(hmac_sha256, m)?)?;
