@@ -556,6 +556,9 @@ def _entry(r: Sequence[Any]) -> Entry:
 # --------------------------------------------------------------------------------------------------------------
 
 
+_SUBJECT_DEK_CACHE = 200_000  # subject entry keys a worker keeps (32 bytes each), then starts over
+
+
 class _LRU:
     """Per-worker cache of (domain, normalized value) -> token already confirmed in the vault."""
 
@@ -590,9 +593,13 @@ class Vault:
         self._tokenizers: dict[tuple[str, TokenFormat], Tokenizer] = {}
         self._domains: dict[str, Domain] = {}
         self._lock = threading.Lock()
-        self._seals_stored: set[bytes] = set()
         self._seal_cache: dict[bytes, dict[str, Any]] = {}
         self._column_keys: dict[tuple[bytes, bytes], Any] = {}  # (seal id, subject key id) -> this batch's DataKey
+        # Subject entry keys this process made and committed (key id = subject key id || seal id, so no other
+        # process writes these rows): the other fields of the same subject reuse them without reading back and
+        # unwrapping. Raw 32-byte keys only; bounded; cleared by every forget.
+        self._subject_deks: dict[bytes, bytes] = {}
+        self._pending_deks: dict[bytes, bytes] = {}
 
     def __reduce__(self):  # noqa: D105
         raise TypeError("Vault holds a database connection and keys; pickle the vault reference dict instead")
@@ -652,10 +659,11 @@ class Vault:
         return rec
 
     def _store_seal(self, batch: Any) -> None:
-        """Record the batch's seal (once per seal id and process) inside the current transaction."""
-        if batch.seal_id not in self._seals_stored:
-            self.backend.insert_seal(batch.seal_id, json.dumps(batch.record, sort_keys=True), int(time.time()))
-            self._seals_stored.add(batch.seal_id)
+        """Record the batch's seal inside the current transaction, in every transaction that writes rows naming
+        it (an idempotent insert). Not once per process: a "stored" flag set in a transaction that then rolled
+        back (a lost worker, a busy retry) made every later key name a seal that was never committed, and their
+        entries could not be revealed."""
+        self.backend.insert_seal(batch.seal_id, json.dumps(batch.record, sort_keys=True), int(time.time()))
 
     def _unwrap(self, key_id: bytes, wrapped: bytes) -> AESGCM:
         """A vault DEK (reveal service only: needs the reveal keyring to unseal its batch key)."""
@@ -727,8 +735,14 @@ class Vault:
     def _write(self, domain: Domain, vals: list[str], subj: list[str | None] | None) -> list[str]:
         for attempt in range(5):
             try:
+                self._pending_deks = {}
                 with self.backend.transaction():
-                    return self._write_tx(domain, vals, subj)
+                    out = self._write_tx(domain, vals, subj)
+                # Only keys whose rows are committed may be reused (a rolled-back row would orphan entries).
+                if len(self._subject_deks) + len(self._pending_deks) > _SUBJECT_DEK_CACHE:
+                    self._subject_deks.clear()
+                self._subject_deks.update(self._pending_deks)
+                return out
             except Exception as exc:
                 retry = getattr(self.backend, "is_retryable", None)
                 if retry is None or not retry(exc) or attempt == 4:
@@ -758,22 +772,35 @@ class Vault:
             skid[s] + batch.seal_id if (s := (subj[i] if subj is not None else None)) else self._entry_key_id(name, bidx[i])
             for i in new
         ]
-        uniq = sorted(set(kids))
+        # A subject key this process already made and committed under this seal (another field of the same
+        # subject, an earlier batch) is used as is: no new key, no insert attempt, no read back and unwrap.
+        deks: dict[bytes, AESGCM] = {}
+        uniq = []
+        for kid in sorted(set(kids)):
+            known = self._subject_deks.get(kid) if len(kid) == 32 + _SUBJECT_SUFFIX else None
+            if known is not None:
+                deks[kid] = AESGCM(known)
+            else:
+                uniq.append(kid)
         raw = os.urandom(32 * len(uniq))
         wrapped = batch.wrap_many([raw[32 * j : 32 * j + 32] for j in range(len(uniq))], [_DEK_AAD + kid for kid in uniq])
         key_rows = [(kid, batch.seal_id + w, now) for kid, w in zip(uniq, wrapped)]
-        if be.insert_keys(key_rows) == len(key_rows):
+        if not key_rows or be.insert_keys(key_rows) == len(key_rows):
             stored = {kid: w for kid, w, _ in key_rows}  # every key is ours: no read back needed
         else:
             stored = be.get_keys(uniq)
-        deks: dict[bytes, AESGCM] = {}
         for j, (kid, mine, _) in enumerate(key_rows):
             theirs = stored.get(kid)
+            material = None
             if theirs == mine:  # our own insert won (the usual case): the DEK we just made
-                deks[kid] = AESGCM(raw[32 * j : 32 * j + 32])
+                material = raw[32 * j : 32 * j + 32]
             elif theirs is not None and theirs[:8] == batch.seal_id:  # made by this process earlier in this batch key
-                deks[kid] = AESGCM(batch.unwrap(theirs[8:], _DEK_AAD + kid))
+                material = batch.unwrap(theirs[8:], _DEK_AAD + kid)
             # else: an entry key another writer inserted together with its entry (we cannot and need not open it)
+            if material is not None:
+                deks[kid] = AESGCM(material)
+                if len(kid) == 32 + _SUBJECT_SUFFIX:
+                    self._pending_deks[kid] = material
         foreign = [i for i, kid in zip(new, kids) if kid not in deks]
         if foreign:
             have = be.tokens_by_bidx(name, [bidx[i] for i in foreign])
@@ -900,6 +927,7 @@ class Vault:
 
     def _after_forget(self) -> None:
         self._cache.data.clear()
+        self._subject_deks.clear()
         self.backend.after_shred()
 
     # -- subject-linked encrypted columns --------------------------------------------------------------------

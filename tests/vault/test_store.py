@@ -314,3 +314,50 @@ def test_forget_expired(backend: Any, keyring: Any) -> None:
     assert vault.reveal("email", t_long) == [("ok", "a@x.org")]  # the shared subject key survived
     assert vault.backend.count_keys() == 1
     assert vault.forget_expired(now=time.time() + 120) == 0
+
+
+def test_fields_of_one_subject_share_its_key_without_reading_it_back(backend: Any, keyring: Any) -> None:
+    """Email and card of a customer use the key the customer's first field made in this process: no second key
+    insert, no read-back and unwrap; every token still reveals, and forgetting the subject reaches them all."""
+    _, ref, _ = backend
+    vault = _open(ref, keyring)
+    subjects = [f"c{i}" for i in range(50)]
+    calls: dict[str, list[int]] = {"insert_keys": [], "get_keys": []}
+    for name in calls:
+        real = getattr(vault.backend, name)
+
+        def spy(rows: Any, _real: Any = real, _name: str = name) -> Any:
+            calls[_name].append(len(rows))
+            return _real(rows)
+
+        setattr(vault.backend, name, spy)
+    mails = vault.tokenize(EMAIL, _emails(0, 50), subjects=subjects)
+    cards = vault.tokenize(CARD, [f"41111111111{i:05d}" for i in range(50)], subjects=subjects)
+    assert calls["insert_keys"] == [50]  # the card domain made no key: it reused the 50 subject keys
+    assert calls["get_keys"] == []
+    assert [s for s, _ in vault.reveal("email", mails)] == ["ok"] * 50
+    assert [v for _, v in vault.reveal("card_number", cards)] == [f"41111111111{i:05d}" for i in range(50)]
+    assert vault.forget_subject("c7") == 2
+    assert vault.reveal("email", [mails[7]]) == [("forgotten", None)] and vault.reveal("card_number", [cards[7]]) == [("forgotten", None)]
+    # after a forget the subject's key is made anew (the cache is gone), and the new entry reveals
+    again = vault.tokenize(CARD, ["4111111111199999"], subjects=["c7"])
+    assert calls["insert_keys"][-1] == 1 and vault.reveal("card_number", again) == [("ok", "4111111111199999")]
+
+
+def test_a_rolled_back_write_leaves_no_reused_subject_key(backend: Any, keyring: Any) -> None:
+    """Keys are reused only once their rows are committed: a write that rolls back after inserting its key rows
+    must not leave them in the cache, or the next field would write entries whose key row does not exist."""
+    _, ref, _ = backend
+    vault = _open(ref, keyring)
+    real = vault.backend.insert_entries
+
+    def boom(*args: Any, **kwargs: Any) -> None:
+        real(*args, **kwargs)
+        raise RuntimeError("worker lost")
+
+    vault.backend.insert_entries = boom  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        vault.tokenize(EMAIL, _emails(0, 10), subjects=[f"s{i}" for i in range(10)])
+    vault.backend.insert_entries = real  # type: ignore[method-assign]
+    cards = vault.tokenize(CARD, [f"41111111111{i:05d}" for i in range(10)], subjects=[f"s{i}" for i in range(10)])
+    assert [v for _, v in vault.reveal("card_number", cards)] == [f"41111111111{i:05d}" for i in range(10)]
