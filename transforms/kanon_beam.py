@@ -7,6 +7,9 @@ leaves, nothing emitted from `finish_bundle` — so it works on the DaskRunner a
 Batch:  pcoll ─ CountClasses (per batch group_by) ─ CombineGlobally(merge) ─ SearchLattice ─┐ (AsSingleton)
         pcoll ──────────────────────────────────────────────── Generalize+Suppress ◄───────┘ ─ Flatten ─ out
                                                                       SearchLattice ─ ReportStats ─┘
+With a spill directory (local outputs, `run_pipeline`'s default) the protected batches do not wait in the runner:
+        pcoll ─ Spill (encrypted file, emits SpillRef) ─ Generalize+Suppress (reads it back) ◄ plan
+so only references cross the stage boundary and memory does not grow with the input (`transforms/spill.py`).
 
 Uniqueness scan (quasi-identifier discovery), after enforcement, before the write:
         pcoll ─ SketchBatches ─ CombineGlobally(merge sketches) ─ Evaluate ─┐
