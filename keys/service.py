@@ -81,7 +81,7 @@ class DataKey:
     @property
     def aead(self) -> Any:
         """The `cryptography` AEAD object; made on first use when the key was built from its material with
-        `aead=None` (a cryptography AESGCM holds ~2.4 KB of native state: caches of many subject keys for
+        `aead=None` (a cryptography AESGCM holds ~2.5 KB of native state: caches of many subject keys for
         the native kernel, which needs the material only, do not pay it)."""
         if self._aead is None and self._material is not None:
             self._aead = _aead_for(ALG_SIV if self.deterministic else ALG_GCM, self._material)

@@ -25,6 +25,7 @@ presidio cannot process raises with the field and row index only.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -156,16 +157,21 @@ class Scrub(Action):
         if not spans:
             return strings
         out = list(texts)
-        counts: dict[str, int] = {}
+        counts: Counter[str] = Counter()
         if self.options["mode"] == "placeholder":
             for i, found in spans.items():
                 out[i], types = splice_placeholders(texts[i], _outermost(found))
-                for t in types:
-                    counts[t] = counts.get(t, 0) + 1
-            for t, c in counts.items():
-                ctx.count(f"scrub.{self.field.path}.{t}", c)
-            ctx.count(f"scrub.{self.field.path}.rows_changed", len(spans))
-            return pa.array(out, type=pa.string())
+                counts.update(types)
+        else:
+            self._presidio_rows(texts, spans, out, counts, ctx)
+        for t, c in counts.items():
+            ctx.count(f"scrub.{self.field.path}.{t}", c)
+        ctx.count(f"scrub.{self.field.path}.rows_changed", len(spans))
+        return pa.array(out, type=pa.string())
+
+    def _presidio_rows(self, texts: list[Any], spans: dict[int, list[tuple[int, int, str]]], out: list[Any],
+                       counts: Counter[str], ctx: ActionContext) -> None:
+        """Pseudonym mode: the rows with spans through presidio's AnonymizerEngine (custom surrogate operators)."""
         from presidio_anonymizer.entities import OperatorConfig, RecognizerResult
 
         operators = self._operators(ctx, OperatorConfig)
@@ -178,13 +184,7 @@ class Scrub(Action):
             except Exception as exc:  # presidio errors quote no text, but keep ours value-free regardless
                 raise RuntimeError(f"field '{self.field.path}': scrubbing row {i} of the batch failed ({type(exc).__name__})") from None
             out[i] = res.text
-            for item in res.items:
-                t = item.entity_type.split(":", 1)[0]
-                counts[t] = counts.get(t, 0) + 1
-        for t, c in counts.items():
-            ctx.count(f"scrub.{self.field.path}.{t}", c)
-        ctx.count(f"scrub.{self.field.path}.rows_changed", len(spans))
-        return pa.array(out, type=pa.string())
+            counts.update(item.entity_type.split(":", 1)[0] for item in res.items)
 
     def _operators(self, ctx: ActionContext, OperatorConfig: Any) -> dict[str, Any]:
         types = set(_TEXT_TYPES.values()) | set(self._link_types.values()) | {"PII"}

@@ -559,6 +559,11 @@ def _entry(r: Sequence[Any]) -> Entry:
 _SUBJECT_DEK_CACHE = 200_000  # subject entry keys a worker keeps (32 bytes each), then starts over
 
 
+def _is_subject_key(kid: bytes) -> bool:
+    """A subject key row's id (subject key id || seal id), not an entry's own key (its blind index)."""
+    return len(kid) == 32 + _SUBJECT_SUFFIX
+
+
 class _LRU:
     """Per-worker cache of (domain, normalized value) -> token already confirmed in the vault."""
 
@@ -599,7 +604,6 @@ class Vault:
         # process writes these rows): the other fields of the same subject reuse them without reading back and
         # unwrapping. Raw 32-byte keys only; bounded; cleared by every forget.
         self._subject_deks: dict[bytes, bytes] = {}
-        self._pending_deks: dict[bytes, bytes] = {}
 
     def __reduce__(self):  # noqa: D105
         raise TypeError("Vault holds a database connection and keys; pickle the vault reference dict instead")
@@ -735,13 +739,13 @@ class Vault:
     def _write(self, domain: Domain, vals: list[str], subj: list[str | None] | None) -> list[str]:
         for attempt in range(5):
             try:
-                self._pending_deks = {}
+                made: dict[bytes, bytes] = {}  # subject keys this transaction made or opened
                 with self.backend.transaction():
-                    out = self._write_tx(domain, vals, subj)
+                    out = self._write_tx(domain, vals, subj, made)
                 # Only keys whose rows are committed may be reused (a rolled-back row would orphan entries).
-                if len(self._subject_deks) + len(self._pending_deks) > _SUBJECT_DEK_CACHE:
+                if len(self._subject_deks) + len(made) > _SUBJECT_DEK_CACHE:
                     self._subject_deks.clear()
-                self._subject_deks.update(self._pending_deks)
+                self._subject_deks.update(made)
                 return out
             except Exception as exc:
                 retry = getattr(self.backend, "is_retryable", None)
@@ -750,7 +754,9 @@ class Vault:
                 time.sleep(0.05 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    def _write_tx(self, domain: Domain, vals: list[str], subj: list[str | None] | None) -> list[str]:
+    def _write_tx(self, domain: Domain, vals: list[str], subj: list[str | None] | None, made: dict[bytes, bytes]) -> list[str]:
+        """One write transaction; the subject keys it makes or opens go into `made` (for `_write` to keep once
+        the transaction has committed)."""
         name = domain.name
         be = self.backend
         bidx = self.blind_index(name, vals)
@@ -777,7 +783,7 @@ class Vault:
         deks: dict[bytes, AESGCM] = {}
         uniq = []
         for kid in sorted(set(kids)):
-            known = self._subject_deks.get(kid) if len(kid) == 32 + _SUBJECT_SUFFIX else None
+            known = self._subject_deks.get(kid) if _is_subject_key(kid) else None
             if known is not None:
                 deks[kid] = AESGCM(known)
             else:
@@ -799,8 +805,8 @@ class Vault:
             # else: an entry key another writer inserted together with its entry (we cannot and need not open it)
             if material is not None:
                 deks[kid] = AESGCM(material)
-                if len(kid) == 32 + _SUBJECT_SUFFIX:
-                    self._pending_deks[kid] = material
+                if _is_subject_key(kid):
+                    made[kid] = material
         foreign = [i for i, kid in zip(new, kids) if kid not in deks]
         if foreign:
             have = be.tokens_by_bidx(name, [bidx[i] for i in foreign])
@@ -899,7 +905,7 @@ class Vault:
         b = self.blind_index(domain_name, [norm])[0]
         with self.backend.transaction():
             kid = self.backend.key_of_bidx(domain_name, b)
-            if kid is not None and len(kid) == 32 + _SUBJECT_SUFFIX:
+            if kid is not None and _is_subject_key(kid):
                 kid = kid[:32]  # a subject key row: shred the subject's entries
             n = self.backend.shred(kid, int(time.time()), domain_name) if kid is not None else 0
         self._after_forget()

@@ -95,35 +95,61 @@ pub fn encrypt(deterministic: bool, key: &[u8], key_id: &[u8; KEY_ID_LEN], aad: 
         let cipher = gcm_key(key)?;
         run_chunks(n, view.value_bytes(), out, &start, |range, out| {
             let base = start(range.start);
-            let mut nonces = vec![0u8; NONCE_LEN * NONCE_BLOCK.min(range.len())];
-            let mut used = nonces.len() / NONCE_LEN;
+            let mut nonces = NonceBlock::new(range.len());
             for i in range.clone() {
                 if !view.is_valid(i) {
                     continue;
                 }
-                if used * NONCE_LEN == nonces.len() {
-                    let want = NONCE_BLOCK.min(range.end - i);
-                    nonces.truncate(NONCE_LEN * want);
-                    getrandom::fill(&mut nonces).map_err(|_| Fail { code: "random", row: i })?;
-                    used = 0;
-                }
-                let nonce = &nonces[NONCE_LEN * used..NONCE_LEN * (used + 1)];
-                used += 1;
                 let pt = view.value(i);
                 let s = start(i) - base;
-                let cell = &mut out[s..s + pt.len() + GCM_OVERHEAD];
-                cell[0] = CELL_GCM;
-                cell[1..1 + KEY_ID_LEN].copy_from_slice(key_id);
-                cell[1 + KEY_ID_LEN..GCM_HEADER].copy_from_slice(nonce);
-                let (ct, tag_dst) = cell[GCM_HEADER..].split_at_mut(pt.len());
-                ct.copy_from_slice(pt);
-                let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| Fail { code: "internal", row: i })?;
-                let tag = cipher.seal_in_place_separate_tag(nonce, Aad::from(aad), ct).map_err(|_| Fail { code: "encrypt", row: i })?;
-                tag_dst.copy_from_slice(tag.as_ref());
+                let nonce = nonces.next(i, range.end)?;
+                seal_gcm_cell(&cipher, key_id, aad, nonce, pt, &mut out[s..s + pt.len() + GCM_OVERHEAD], i)?;
             }
             Ok(())
         })
     }
+}
+
+/// Nonces for the GCM cells of one chunk, drawn from the OS CSPRNG (`getrandom`) `NONCE_BLOCK` at a time.
+struct NonceBlock {
+    buf: Vec<u8>,
+    used: usize,
+}
+
+impl NonceBlock {
+    fn new(cells: usize) -> Self {
+        let buf = vec![0u8; NONCE_LEN * NONCE_BLOCK.min(cells)];
+        let used = buf.len() / NONCE_LEN;
+        NonceBlock { buf, used }
+    }
+
+    /// The next fresh nonce, for the cell of row `row` (of a chunk ending at `end`).
+    #[inline]
+    fn next(&mut self, row: usize, end: usize) -> Result<[u8; NONCE_LEN], Fail> {
+        if self.used * NONCE_LEN == self.buf.len() {
+            self.buf.truncate(NONCE_LEN * NONCE_BLOCK.min(end - row));
+            getrandom::fill(&mut self.buf).map_err(|_| Fail { code: "random", row })?;
+            self.used = 0;
+        }
+        let nonce = self.buf[NONCE_LEN * self.used..NONCE_LEN * (self.used + 1)].try_into().unwrap();
+        self.used += 1;
+        Ok(nonce)
+    }
+}
+
+/// Write one GCM cell (version, key id, nonce, ciphertext, tag) of plaintext `pt` into `cell`.
+#[inline]
+fn seal_gcm_cell(cipher: &LessSafeKey, key_id: &[u8], aad: &[u8], nonce: [u8; NONCE_LEN], pt: &[u8], cell: &mut [u8], row: usize) -> Result<(), Fail> {
+    cell[0] = CELL_GCM;
+    cell[1..1 + KEY_ID_LEN].copy_from_slice(key_id);
+    cell[1 + KEY_ID_LEN..GCM_HEADER].copy_from_slice(&nonce);
+    let (ct, tag_dst) = cell[GCM_HEADER..].split_at_mut(pt.len());
+    ct.copy_from_slice(pt);
+    let tag = cipher
+        .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), ct)
+        .map_err(|_| Fail { code: "encrypt", row })?;
+    tag_dst.copy_from_slice(tag.as_ref());
+    Ok(())
 }
 
 /// Encrypt every valid cell of `view` under its own AES-256-GCM key (subject-linked columns): row `i` uses key
@@ -136,8 +162,7 @@ pub fn encrypt_keyed(keys: &[u8], key_ids: &[u8], aads: &[Vec<u8>], key_index: &
     let nk = aads.len();
     run_chunks(n, view.value_bytes(), out, &start, |range, out| {
         let base = start(range.start);
-        let mut nonces = vec![0u8; NONCE_LEN * NONCE_BLOCK.min(range.len())];
-        let mut used = nonces.len() / NONCE_LEN;
+        let mut nonces = NonceBlock::new(range.len());
         let mut current: Option<(usize, LessSafeKey)> = None;
         for i in range.clone() {
             if !view.is_valid(i) {
@@ -152,25 +177,11 @@ pub fn encrypt_keyed(keys: &[u8], key_ids: &[u8], aads: &[Vec<u8>], key_index: &
                 current = Some((k, gcm_key(&keys[32 * k..32 * k + 32])?));
             }
             let cipher = &current.as_ref().unwrap().1;
-            if used * NONCE_LEN == nonces.len() {
-                let want = NONCE_BLOCK.min(range.end - i);
-                nonces.truncate(NONCE_LEN * want);
-                getrandom::fill(&mut nonces).map_err(|_| Fail { code: "random", row: i })?;
-                used = 0;
-            }
-            let nonce = &nonces[NONCE_LEN * used..NONCE_LEN * (used + 1)];
-            used += 1;
             let pt = view.value(i);
             let s = start(i) - base;
-            let cell = &mut out[s..s + pt.len() + GCM_OVERHEAD];
-            cell[0] = CELL_GCM;
-            cell[1..1 + KEY_ID_LEN].copy_from_slice(&key_ids[KEY_ID_LEN * k..KEY_ID_LEN * (k + 1)]);
-            cell[1 + KEY_ID_LEN..GCM_HEADER].copy_from_slice(nonce);
-            let (ct, tag_dst) = cell[GCM_HEADER..].split_at_mut(pt.len());
-            ct.copy_from_slice(pt);
-            let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| Fail { code: "internal", row: i })?;
-            let tag = cipher.seal_in_place_separate_tag(nonce, Aad::from(&aads[k][..]), ct).map_err(|_| Fail { code: "encrypt", row: i })?;
-            tag_dst.copy_from_slice(tag.as_ref());
+            let nonce = nonces.next(i, range.end)?;
+            let key_id = &key_ids[KEY_ID_LEN * k..KEY_ID_LEN * (k + 1)];
+            seal_gcm_cell(cipher, key_id, &aads[k], nonce, pt, &mut out[s..s + pt.len() + GCM_OVERHEAD], i)?;
         }
         Ok(())
     })

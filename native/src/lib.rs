@@ -63,9 +63,18 @@ fn encrypt_cells<'py>(py: Python<'py>, deterministic: bool, key: &[u8], key_id: 
     let held = Held::get(&view)?;
     let v = View::new(&view, &held)?;
     let overhead = if deterministic { cells::SIV_OVERHEAD } else { cells::GCM_OVERHEAD };
+    encrypted_buffers(py, &v, overhead, |obytes, out| cells::encrypt(deterministic, key, &key_id, aad, &v, obytes, out))
+}
+
+/// The buffers of an encrypted column: int32 offsets (each valid cell grows by `overhead`; "too_large" past
+/// 2 GiB), the cell data that `fill` writes with the GIL released, and the input's validity.
+fn encrypted_buffers<'py, F>(py: Python<'py>, v: &View<'_>, overhead: usize, fill: F) -> PyResult<Buffers<'py>>
+where
+    F: FnOnce(&[u8], &mut [std::mem::MaybeUninit<u8>]) -> Result<(), Fail> + Send,
+{
     let mut too_large = false;
     let offsets = PyBytes::new_with(py, 4 * (v.len + 1), |o| {
-        too_large = cells::encrypt_offsets(&v, overhead, o).is_none();
+        too_large = cells::encrypt_offsets(v, overhead, o).is_none();
         Ok(())
     })?;
     if too_large {
@@ -73,10 +82,8 @@ fn encrypt_cells<'py>(py: Python<'py>, deterministic: bool, key: &[u8], key_id: 
     }
     let obytes = offsets.as_bytes();
     let total = cells::read_off32(obytes, v.len);
-    let data = new_bytes(py, total, |out| {
-        py.detach(|| cells::encrypt(deterministic, key, &key_id, aad, &v, obytes, out)).map_err(cell_error)
-    })?;
-    let (bits, nulls) = validity(py, &v);
+    let data = new_bytes(py, total, |out| py.detach(|| fill(obytes, out)).map_err(cell_error))?;
+    let (bits, nulls) = validity(py, v);
     Ok((bits, offsets, data, nulls))
 }
 
@@ -95,21 +102,7 @@ fn encrypt_cells_keyed<'py>(py: Python<'py>, keys: &[u8], key_ids: &[u8], aads: 
     if key_index.len() != 8 * v.len {
         return Err(PyValueError::new_err("key_index must hold one int64 per row"));
     }
-    let mut too_large = false;
-    let offsets = PyBytes::new_with(py, 4 * (v.len + 1), |o| {
-        too_large = cells::encrypt_offsets(&v, cells::GCM_OVERHEAD, o).is_none();
-        Ok(())
-    })?;
-    if too_large {
-        return Err(cell_error(Fail { code: "too_large", row: 0 }));
-    }
-    let obytes = offsets.as_bytes();
-    let total = cells::read_off32(obytes, v.len);
-    let data = new_bytes(py, total, |out| {
-        py.detach(|| cells::encrypt_keyed(keys, key_ids, &aads, key_index, &v, obytes, out)).map_err(cell_error)
-    })?;
-    let (bits, nulls) = validity(py, &v);
-    Ok((bits, offsets, data, nulls))
+    encrypted_buffers(py, &v, cells::GCM_OVERHEAD, |obytes, out| cells::encrypt_keyed(keys, key_ids, &aads, key_index, &v, obytes, out))
 }
 
 /// Check the structure of a column of cells: (first short row, (first bad row, unknown version?),

@@ -35,13 +35,19 @@ def _check_classes(rows: list[dict], k: int, l: int) -> None:
         assert len(sens) >= k and len(set(sens)) >= l
 
 
-def test_read_protect_enforce_with_assert_that(tmp_path, reference_inputs):
+def _reference_runtime(tmp_path):
+    """(schema, compiled reference policy, runtime with a dev keyring and a SQLite vault under tmp_path)."""
     schema = load_schema(SCHEMA)
     policy = load_policy(POLICY, schema)
     ring = tmp_path / "ring.json"
     ensure_local_keyring(ring)
     runtime = RuntimeConfig(run_id="r", dataset_id=policy.dataset, state_dir=str(tmp_path), keys=KeyRef("local", str(ring)),
                             vault={"backend": "sqlite", "path": str(tmp_path / "vault.sqlite")})
+    return schema, policy, runtime
+
+
+def test_read_protect_enforce_with_assert_that(tmp_path, reference_inputs):
+    schema, policy, runtime = _reference_runtime(tmp_path)
 
     def check(elements):
         rows = [r for e in elements if not isinstance(e, RunStats) for r in e.select(QIS + ["diagnosis"]).to_pylist()]
@@ -66,12 +72,7 @@ def test_spilling_gives_the_same_levels_and_suppresses_the_same_records(tmp_path
     same levels, same suppressed count, the same records (deterministic columns), against the in-memory path."""
     import json
 
-    schema = load_schema(SCHEMA)
-    policy = load_policy(POLICY, schema)
-    ring = tmp_path / "ring.json"
-    ensure_local_keyring(ring)
-    runtime = RuntimeConfig(run_id="r", dataset_id=policy.dataset, state_dir=str(tmp_path), keys=KeyRef("local", str(ring)),
-                            vault={"backend": "sqlite", "path": str(tmp_path / "vault.sqlite")})
+    schema, policy, runtime = _reference_runtime(tmp_path)
     spill = tmp_path / "spill"
     cols = ["customer_id"] + QIS + ["diagnosis"]
 
